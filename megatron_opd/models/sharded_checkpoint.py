@@ -1,0 +1,86 @@
+"""Save and load model chunks as megatron `torch_dist` checkpoints, loadable at any TP/PP/VPP.
+
+dist_checkpointing reshards every tensor except one case it cannot: the vocabulary is padded to a
+multiple of 128*TP, so a checkpoint written at one TP can hold a different number of embedding rows than
+the model built at another. Those two tensors are read whole and re-cut here; the padded rows carry no
+token, so only the rows both sides have are copied.
+"""
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _sharded_state_dict(chunks) -> dict:
+    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_model(chunks, ckpt_dir: str) -> None:
+    """Collective. Writes to `<ckpt_dir>.tmp` and renames at the end: an interrupted save leaves
+    no half-written `ckpt_dir` (and an existing one is replaced only once the new one is complete)."""
+    from megatron.core import dist_checkpointing
+
+    tmp_dir, old_dir = f"{ckpt_dir}.tmp", f"{ckpt_dir}.old"
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+    _barrier()
+    dist_checkpointing.save(_sharded_state_dict(chunks), tmp_dir)
+    _barrier()
+    if rank0:
+        if os.path.exists(ckpt_dir):
+            os.replace(ckpt_dir, old_dir)
+        os.replace(tmp_dir, ckpt_dir)
+        shutil.rmtree(old_dir, ignore_errors=True)
+    _barrier()
+
+
+def _swap_vocab_tensors(sharded: dict, saved_meta: dict) -> list:
+    """Replace vocab tensors whose saved row count differs by whole-tensor reads; return what to re-cut."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    recut = []
+    for chunk_key, chunk_sd in sharded.items():
+        for name, entry in chunk_sd.items():
+            if not isinstance(entry, ShardedTensor) or entry.key not in VOCAB_KEYS or entry.key not in saved_meta:
+                continue
+            saved_shape = tuple(saved_meta[entry.key].global_shape)
+            if saved_shape == tuple(entry.global_shape):
+                continue
+            whole = torch.empty(saved_shape, dtype=entry.data.dtype, device=entry.data.device)
+            chunk_sd[name] = ShardedTensor.from_rank_offsets(entry.key, whole, replica_id=entry.replica_id)
+            recut.append((chunk_key, name, entry))
+    return recut
+
+
+def load_model(chunks, ckpt_dir: str) -> None:
+    """Collective. Load `ckpt_dir` into `chunks` (built for the current layout); every parameter must come
+    from the checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
+        raise FileNotFoundError(f"{ckpt_dir}: not a torch_dist checkpoint (no metadata.json)")
+    sharded = _sharded_state_dict(chunks)
+    recut = _swap_vocab_tensors(sharded, dist_checkpointing.load_tensors_metadata(ckpt_dir))
+    state = dist_checkpointing.load(sharded, ckpt_dir)
+    for chunk_key, name, entry in recut:
+        whole, local = state[chunk_key][name], torch.zeros_like(entry.data)
+        start = entry.global_offset[0]
+        rows = max(0, min(whole.shape[0], start + local.shape[0]) - start)
+        local[:rows] = whole[start:start + rows]
+        state[chunk_key][name] = local
+    for i, chunk in enumerate(chunks):
+        missing, unexpected = chunk.load_state_dict(state[f"chunk{i}"], strict=False)
+        missing = [key for key in missing if not key.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"{ckpt_dir}: checkpoint does not fit the model: missing {missing}, "
+                               f"unexpected {list(unexpected)}")

@@ -1,0 +1,75 @@
+"""Tiny Hugging Face checkpoints of the supported architectures, built locally (no download): the real
+transformers model classes at small sizes, random weights, and a byte-level BPE tokenizer trained on the
+spot. Tests, benchmarks and the CPU demo use them."""
+import os
+from typing import Iterable, Optional
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+DEFAULT_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "on policy distillation: the student learns from the teacher on its own samples",
+    "question: what is 12 plus 30? answer: 12 + 30 = 42 #### 42",
+    "natalia sold clips to 48 of her friends in april, and then she sold half as many clips in may.",
+]
+
+# Per family: what makes it itself (bias, QK-norm, head_dim != hidden/heads, rope scaling, window, tying).
+FAMILY_OVERRIDES = {
+    "llama": dict(rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=2.0,
+        original_max_position_embeddings=64)),
+    "mistral": dict(sliding_window=8),
+    "qwen2": dict(tie_word_embeddings=True, rope_theta=1000000.0),
+    "qwen3": dict(head_dim=32, rope_theta=1000000.0),
+}
+TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def train_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 300):
+    """Byte-level BPE (GPT-2/Qwen style) trained on `texts`, with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(list(texts or DEFAULT_CORPUS) * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                   bos_token=None, unk_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_hf_config(family: str, vocab_size: int, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    classes = dict(llama=LlamaConfig, mistral=MistralConfig, qwen2=Qwen2Config, qwen3=Qwen3Config)
+    if family not in classes:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {sorted(classes)}")
+    kwargs = dict(TINY_SIZES, vocab_size=vocab_size, **FAMILY_OVERRIDES[family])
+    kwargs.update(overrides)
+    return classes[family](**kwargs)
+
+
+def write_tiny_checkpoint(out_dir: str, family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                          tokenizer=None, **overrides) -> str:
+    """Save a randomly initialised tiny `family` model (safetensors + config + tokenizer) to out_dir."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tokenizer or train_tokenizer()
+    config = tiny_hf_config(family, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.to(dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,84 @@
+"""The CPU compatibility layer: lets megatron-core's local (non-Transformer-Engine) path run on a torch
+without a usable GPU, over gloo.
+
+This is the one place in the project that patches torch or megatron. `apply()` is called by the
+distributed init and is a no-op when CUDA is available, so GPU runs never see it.
+
+What megatron-core 0.19 assumes about CUDA, and what we give it instead:
+- `torch.cuda.current_device()` as the device of buffers -> "cpu".
+- `torch.cuda.synchronize/current_stream/default_stream` (p2p comm, DDP grad sync) -> no-ops.
+- the CUDA RNG tracker (tensor_parallel.random) -> backed by the CPU generator, so per-TP-rank
+  dropout/init seeds still fork correctly.
+- hard-coded `device="cuda"`, `.cuda()`, `.to("cuda")` (causal masks, schedules' token counters,
+  broadcast_data) and `Tensor.type()` checks against "torch.cuda.*Tensor" (optimizers, clip_grads)
+  -> rewritten by a process-wide TorchFunctionMode.
+"""
+import torch
+from torch.overrides import TorchFunctionMode
+
+_applied = False
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+class _CudaToCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        if _is_cuda(kwargs.get("device")):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return None
+
+
+def needed() -> bool:
+    return not torch.cuda.is_available()
+
+
+def apply() -> bool:
+    """Patch torch/megatron for CPU execution if CUDA is absent. Returns whether the layer is active."""
+    global _applied
+    if _applied or not needed():
+        return _applied
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.default_stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    megatron_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    # Entered for the life of the process (and inherited by forked workers): megatron's hard-coded
+    # "cuda" tensors appear in many call sites, and a mode catches all of them without a list.
+    _CudaToCpu().__enter__()
+    _applied = True
+    return True
+
+
+def is_active() -> bool:
+    return _applied

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny HF checkpoints of every supported architecture (built locally), and the gloo
+runner. megatron-core is imported here once so that forked workers start in ~0.1 s."""
+import os
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|GPTModel IS DEPRECATED).*")
+
+import megatron.core.dist_checkpointing  # noqa: E402,F401
+import megatron.core.distributed  # noqa: E402,F401
+import megatron.core.models.gpt  # noqa: E402,F401
+import megatron.core.optimizer  # noqa: E402,F401
+import megatron.core.pipeline_parallel  # noqa: E402,F401
+
+from megatron_opd.models.tiny import train_tokenizer, write_tiny_checkpoint  # noqa: E402
+from megatron_opd.parallel.local_group import run_local  # noqa: E402
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# A hung collective fails the test after this long instead of hanging CI.
+WORKER_DEADLINE_S = float(os.environ.get("OPD_TEST_DEADLINE_S", 180))
+
+
+def run_distributed(fn, world_size, *args, timeout_s=WORKER_DEADLINE_S):
+    """fn(rank, world_size, *args) on forked gloo workers; returns per-rank results."""
+    return run_local(fn, world_size, *args, timeout_s=timeout_s)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_tokenizer):
+    """family -> directory of a tiny random HF checkpoint (fp32 safetensors, config, tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {family: write_tiny_checkpoint(str(root / family), family, seed=11, tokenizer=tiny_tokenizer)
+            for family in FAMILIES}
+
