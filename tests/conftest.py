@@ -1,21 +1,17 @@
 """Shared fixtures: tiny HF checkpoints of every supported architecture (built locally), and the gloo
-runner. megatron-core is imported here once so that forked workers start in ~0.1 s."""
+runner (forked workers with a deadline)."""
 import os
-import warnings
 
 import pytest
-import torch
 
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|GPTModel IS DEPRECATED).*")
+from megatron_opd.parallel.quiet import quiet_known_messages  # noqa: E402
 
-import megatron.core.dist_checkpointing  # noqa: E402,F401
-import megatron.core.distributed  # noqa: E402,F401
-import megatron.core.models.gpt  # noqa: E402,F401
-import megatron.core.optimizer  # noqa: E402,F401
-import megatron.core.pipeline_parallel  # noqa: E402,F401
+quiet_known_messages()
 
 from megatron_opd.models.tiny import train_tokenizer, write_tiny_checkpoint  # noqa: E402
 from megatron_opd.parallel.local_group import run_local  # noqa: E402
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads and fork() do not mix
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # A hung collective fails the test after this long instead of hanging CI.

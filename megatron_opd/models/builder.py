@@ -104,6 +104,8 @@ def build_model(arch: ModelArch, parallel: ParallelConfig, dtype="float32", reco
             vp_stage=vp)
         if arch.rope_scaling is not None and hasattr(model, "rotary_pos_emb"):
             model.rotary_pos_emb.inv_freq = _llama3_inv_freq(model.rotary_pos_emb, arch)
+        # Norm weights are created in fp32 whatever params_dtype says; one dtype for the whole chunk.
+        model.to(config.params_dtype)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

@@ -18,6 +18,10 @@ def _sharded_state_dict(chunks) -> dict:
     return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
+def _global_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -29,7 +33,7 @@ def save_model(chunks, ckpt_dir: str) -> None:
     from megatron.core import dist_checkpointing
 
     tmp_dir, old_dir = f"{ckpt_dir}.tmp", f"{ckpt_dir}.old"
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = _global_rank() == 0
     if rank0:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
@@ -57,7 +61,8 @@ def _swap_vocab_tensors(sharded: dict, saved_meta: dict) -> list:
             if saved_shape == tuple(entry.global_shape):
                 continue
             whole = torch.empty(saved_shape, dtype=entry.data.dtype, device=entry.data.device)
-            chunk_sd[name] = ShardedTensor.from_rank_offsets(entry.key, whole, replica_id=entry.replica_id)
+            # Every rank reads the whole tensor; exactly one of them may count as its main replica.
+            chunk_sd[name] = ShardedTensor.from_rank_offsets(entry.key, whole, replica_id=_global_rank())
             recut.append((chunk_key, name, entry))
     return recut
 

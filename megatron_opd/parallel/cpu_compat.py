@@ -12,6 +12,8 @@ What megatron-core 0.19 assumes about CUDA, and what we give it instead:
 - hard-coded `device="cuda"`, `.cuda()`, `.to("cuda")` (causal masks, schedules' token counters,
   broadcast_data) and `Tensor.type()` checks against "torch.cuda.*Tensor" (optimizers, clip_grads)
   -> rewritten by a process-wide TorchFunctionMode.
+- the causal masks are also replaced outright: activation recompute rebuilds them inside autograd's
+  backward, where the mode above is not in effect.
 """
 import torch
 from torch.overrides import TorchFunctionMode
@@ -54,6 +56,25 @@ class _NullStream:
         return None
 
 
+def _causal_mask(sq):
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _sliding_window_causal_mask(sq, skv, window_size):
+    visible = torch.ones(sq, skv, dtype=torch.bool)
+    visible = torch.triu(visible, diagonal=skv - sq - window_size[0])
+    return ~torch.tril(visible, diagonal=skv - sq + window_size[1])
+
+
+def _patch_causal_masks():
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    for module in (utils, fused_softmax):
+        module.get_default_causal_mask = _causal_mask
+        module.get_sliding_window_causal_mask = _sliding_window_causal_mask
+
+
 def needed() -> bool:
     return not torch.cuda.is_available()
 
@@ -73,6 +94,7 @@ def apply() -> bool:
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
     megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     megatron_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    _patch_causal_masks()
     # Entered for the life of the process (and inherited by forked workers): megatron's hard-coded
     # "cuda" tensors appear in many call sites, and a mode catches all of them without a list.
     _CudaToCpu().__enter__()

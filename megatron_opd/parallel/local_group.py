@@ -35,9 +35,21 @@ def _worker(rank, world_size, port, conn, fn, args, threads, timeout_s):
     except Exception:
         conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
     conn.close()
+    # megatron's checkpoint writer leaves a multiprocessing Manager running; it would outlive us.
+    for child in mp.active_children():
+        child.terminate()
     # Skip atexit/finalizers inherited from the parent (pytest's among them) and the group teardown,
     # which can block when a peer already died.
     os._exit(0)
+
+
+def _import_megatron_once():
+    # Imported before forking, each worker starts in ~0.1 s instead of re-importing megatron (~7 s).
+    import megatron.core.dist_checkpointing  # noqa: F401
+    import megatron.core.distributed  # noqa: F401
+    import megatron.core.models.gpt  # noqa: F401
+    import megatron.core.optimizer  # noqa: F401
+    import megatron.core.pipeline_parallel  # noqa: F401
 
 
 def run_local(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = 300.0,
@@ -45,6 +57,8 @@ def run_local(fn: Callable[..., Any], world_size: int, *args, timeout_s: float =
     """fn(rank, world_size, *args) on `world_size` processes; returns the per-rank results.
     Workers are not daemonic: megatron's checkpoint save starts helper processes of its own."""
     ctx = mp.get_context(start_method)
+    if start_method == "fork":
+        _import_megatron_once()
     port = distributed.free_port()
     readers, procs = [], []
     for rank in range(world_size):

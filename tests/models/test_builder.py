@@ -19,8 +19,8 @@ def _only(results):
     return values[0]
 
 
-def _save_worker(rank, ws, model_dir, ckpt_dir):
-    arch, chunks = build_in_layout(model_dir, ParallelConfig(tensor=2), seed=7)
+def _save_worker(rank, ws, model_dir, ckpt_dir, parallel=ParallelConfig(tensor=2)):
+    arch, chunks = build_in_layout(model_dir, parallel, seed=7)
     logits = full_logits(chunks, sample_tokens(arch.vocab_size), vocab_size=arch.vocab_size)
     save_model(chunks, ckpt_dir)
     return logits if rank == 0 else None
@@ -79,6 +79,13 @@ def test_tp2_logits_equal_tp1(family, tiny_models, tmp_path_factory):
     torch.testing.assert_close(tp1_logits, tp2_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_tp1_checkpoint_loads_at_tp2_with_more_vocab_padding(tiny_models, tmp_path):
+    ckpt = str(tmp_path / "tp1")
+    tp1_logits = _only(run_distributed(_save_worker, 1, tiny_models["mistral"], ckpt, ParallelConfig()))
+    tp2_logits = _only(run_distributed(_logits_worker, 2, tiny_models["mistral"], ParallelConfig(tensor=2), ckpt))
+    torch.testing.assert_close(tp2_logits, tp1_logits, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pp2_loss_and_grads_equal_pp1(family, tiny_models, tmp_path_factory):
     ckpt, _ = saved_tp2(family, tiny_models, tmp_path_factory)
@@ -105,3 +112,41 @@ def test_tp2_pp2_on_four_processes(tiny_models, tmp_path_factory):
     loss, _ = _merged_grads(run_distributed(_loss_grads_worker, 4, tiny_models["qwen3"], layout, ckpt))
     ref_loss, _ = _merged_grads(run_distributed(_loss_grads_worker, 1, tiny_models["qwen3"], ParallelConfig(), ckpt))
     assert loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+def _recompute_worker(rank, ws, model_dir, ckpt_dir, recompute):
+    from megatron_opd.models import build_model, load_arch
+    from megatron_opd.models.sharded_checkpoint import load_model
+    from megatron_opd.parallel import initialize_model_parallel
+
+    initialize_model_parallel(ParallelConfig())
+    arch = load_arch(model_dir)
+    chunks = build_model(arch, ParallelConfig(), recompute=recompute)
+    load_model(chunks, ckpt_dir)
+    for chunk in chunks:
+        chunk.train()
+    return loss_and_grads(chunks, sample_tokens(arch.vocab_size, seed=1), arch.vocab_size)
+
+
+def test_activation_recompute_gives_the_same_loss_and_grads(tiny_models, tmp_path_factory):
+    ckpt, _ = saved_tp2("llama", tiny_models, tmp_path_factory)
+    plain = run_distributed(_recompute_worker, 1, tiny_models["llama"], ckpt, "none")[0]
+    for mode in ("selective", "full"):
+        _assert_same_loss_and_grads(plain, run_distributed(_recompute_worker, 1, tiny_models["llama"], ckpt, mode)[0])
+
+
+def test_bf16_logits_stay_close_to_fp32(tiny_models, tmp_path_factory):
+    ckpt, fp32_logits = saved_tp2("qwen2", tiny_models, tmp_path_factory)
+
+    bf16_logits = _only(run_distributed(_bf16_logits_worker, 2, tiny_models["qwen2"], ckpt))
+    assert bf16_logits.dtype == torch.float32  # gathered logits are upcast for comparison
+    # bf16 keeps 8 bits of mantissa: logits of size ~1 agree to a few hundredths.
+    torch.testing.assert_close(bf16_logits, fp32_logits, rtol=0, atol=5e-2)
+    assert not torch.equal(bf16_logits, fp32_logits)
+
+
+def _bf16_logits_worker(rank, ws, model_dir, ckpt_dir):
+    arch, chunks = build_in_layout(model_dir, ParallelConfig(tensor=2), ckpt_dir, dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in chunks[0].parameters())
+    logits = full_logits(chunks, sample_tokens(arch.vocab_size), vocab_size=arch.vocab_size)
+    return logits if rank == 0 else None

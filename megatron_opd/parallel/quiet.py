@@ -1,0 +1,28 @@
+"""Silence messages that megatron-core and torch print on every run of this project and that say nothing
+actionable here. Call before importing megatron.
+
+- CPU runs: TE/apex fallbacks, CUDA stream hints, "No CUDA runtime is found".
+- torch deprecations of APIs that megatron 0.19 still calls (a collective's name, DCP's ShardedTensor,
+  DCP's load argument order), and TransformerConfig's default CUDA-graph scope.
+- GPTModel's deprecation banner: GPTModel with the local/TE layer specs is the documented path in 0.19.
+- the async-save deprecation: checkpoints here are saved synchronously.
+"""
+import logging
+import re
+import warnings
+
+_KNOWN_WARNINGS = (
+    "Transformer Engine and Apex are not installed", "Apex is not installed", "absl.logging is not installed",
+    "CUDA_DEVICE_MAX_CONNECTIONS", "all_gather_into_tensor` is deprecated", "deprecating ShardedTensor",
+    "argument order of load has been changed", "assuming the intent is to load in a single process",
+    "full scope is deprecated",
+)
+_KNOWN_LOGGERS = ("megatron.core.models.gpt.gpt_model", "megatron.core.dist_checkpointing.strategies.torch",
+                  "torch.utils.cpp_extension")
+
+
+def quiet_known_messages() -> None:
+    pattern = ".*(" + "|".join(re.escape(phrase) for phrase in _KNOWN_WARNINGS) + ").*"
+    warnings.filterwarnings("ignore", message=pattern)
+    for name in _KNOWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
