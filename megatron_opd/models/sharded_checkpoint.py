@@ -50,6 +50,7 @@ def save_model(chunks, ckpt_dir: str) -> None:
 
 def _swap_vocab_tensors(sharded: dict, saved_meta: dict) -> list:
     """Replace vocab tensors whose saved row count differs by whole-tensor reads; return what to re-cut."""
+    from megatron.core import parallel_state
     from megatron.core.dist_checkpointing import ShardedTensor
 
     recut = []
@@ -61,8 +62,11 @@ def _swap_vocab_tensors(sharded: dict, saved_meta: dict) -> list:
             if saved_shape == tuple(entry.global_shape):
                 continue
             whole = torch.empty(saved_shape, dtype=entry.data.dtype, device=entry.data.device)
-            # Every rank reads the whole tensor; exactly one of them may count as its main replica.
-            chunk_sd[name] = ShardedTensor.from_rank_offsets(entry.key, whole, replica_id=_global_rank())
+            # Each TP rank now reads the whole tensor: the TP rank joins the replica id, so that exactly
+            # one reader stays the main replica.
+            replica = entry.replica_id if isinstance(entry.replica_id, tuple) else (entry.replica_id,)
+            chunk_sd[name] = ShardedTensor.from_rank_offsets(
+                entry.key, whole, replica_id=(*replica, parallel_state.get_tensor_model_parallel_rank()))
             recut.append((chunk_key, name, entry))
     return recut
 
