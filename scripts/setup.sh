@@ -23,19 +23,25 @@ find_python() {
   exit 1
 }
 
-stamp=.venv/.opd-setup-stamp
-want=$(cat requirements/lock.txt setup.py | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/python ]; then
-  exit 0
-fi
+# Two stamps: a changed lock rebuilds the venv; a changed setup.py only reinstalls this project.
+lock_stamp=.venv/.opd-lock-stamp project_stamp=.venv/.opd-project-stamp
+want_lock=$(sha256sum requirements/lock.txt | cut -d' ' -f1)
+want_project=$(sha256sum setup.py | cut -d' ' -f1)
 
-python=$(find_python)
-echo "setup.sh: building .venv with $python ($("$python" --version))"
-rm -rf .venv
-"$python" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q --no-deps -r requirements/lock.txt
-.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
-.venv/bin/python -c "import megatron.core, torch, transformers; print('setup.sh: torch', torch.__version__, \
-'| megatron-core', megatron.core.__version__, '| transformers', transformers.__version__)"
-echo "$want" > "$stamp"
+if ! { [ -x .venv/bin/python ] && [ "$(cat "$lock_stamp" 2>/dev/null)" = "$want_lock" ]; }; then
+  python=$(find_python)
+  echo "setup.sh: building .venv with $python ($("$python" --version))"
+  rm -rf .venv
+  "$python" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q --no-deps -r requirements/lock.txt
+  echo "$want_lock" > "$lock_stamp"
+fi
+if [ "$(cat "$project_stamp" 2>/dev/null)" != "$want_project" ]; then
+  if ! log=$(.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1); then
+    echo "$log" >&2; exit 1
+  fi
+  .venv/bin/python -c "import megatron.core, torch, transformers; print('setup.sh: torch', torch.__version__, \
+'| megatron-core', megatron.core.__version__, '| transformers', transformers.__version__)" 2>/dev/null
+  echo "$want_project" > "$project_stamp"
+fi

@@ -1,10 +1,9 @@
 """Worker-side helpers for tests that run real megatron-core models: build a tiny model in a layout,
 and one forward-backward through megatron's schedule returning the loss and globally named grads."""
-import re
-
 import torch
 
 from megatron_opd.models import build_model, load_arch
+from megatron_opd.models.naming import global_named_parameters
 from megatron_opd.models.forward import micro_batches, per_chunk_iterators, position_ids
 from megatron_opd.models.sharded_checkpoint import load_model
 from megatron_opd.parallel import ParallelConfig, initialize_model_parallel
@@ -21,15 +20,6 @@ def build_in_layout(model_dir, parallel: ParallelConfig, ckpt_dir=None, seed=123
 
 def sample_tokens(vocab_size, batch=4, seq=16, seed=0):
     return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def global_name(chunk, name: str) -> str:
-    """Parameter name with the decoder layer index made global (local indices restart on each stage)."""
-    match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
-    if not match:
-        return name
-    layer = chunk.decoder.layers[int(match.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}.{match.group(2)}"
 
 
 def _true_vocab_cross_entropy(logits, labels, vocab_size):
@@ -76,6 +66,5 @@ def loss_and_grads(chunks, tokens, vocab_size, micro_batch_size=2):
         num_microbatches=len(batches), seq_length=tokens.shape[1], micro_batch_size=micro_batch_size,
         forward_only=False)
     loss = torch.stack([r["loss"] for r in results]).mean().item() if results else None
-    grads = {global_name(chunk, name): param.main_grad.detach().clone()
-             for chunk in chunks for name, param in chunk.named_parameters()}
+    grads = {name: param.main_grad.detach().clone() for name, param in global_named_parameters(chunks)}
     return loss, grads

@@ -84,6 +84,10 @@ def arch_from_dict(cfg: dict, source: str = "config.json") -> ModelArch:
         raise UnsupportedArchitectureError(
             f"{source}: architecture {name!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     family = SUPPORTED_ARCHITECTURES[name]
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            # megatron adds biases to all linear layers or none (besides QKV); HF's flags add o_proj/MLP ones.
+            raise UnsupportedArchitectureError(f"{source}: {name} with {flag}=true is not supported")
     try:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
@@ -95,7 +99,7 @@ def arch_from_dict(cfg: dict, source: str = "config.json") -> ModelArch:
             head_dim=int(cfg.get("head_dim") or hidden // heads), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=theta, max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qkv_bias=family == "qwen2",
             qk_norm=family == "qwen3", initializer_range=float(cfg.get("initializer_range", 0.02)),
             rope_scaling=scaling, sliding_window=_sliding_window(cfg, family),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"), hf_config=cfg)

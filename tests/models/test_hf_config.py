@@ -64,3 +64,10 @@ def test_missing_key_and_bad_files_are_named(tmp_path):
                                                (151936, 2, 152064), (128256, 4, 128512)])
 def test_vocab_padding(vocab, tp, padded):
     assert padded_vocab_size(vocab, tp) == padded
+
+
+def test_output_and_mlp_biases_are_refused():
+    with pytest.raises(UnsupportedArchitectureError, match=r"LlamaForCausalLM with attention_bias=true"):
+        arch_from_dict(dict(_config("llama"), attention_bias=True))
+    with pytest.raises(UnsupportedArchitectureError, match=r"with mlp_bias=true"):
+        arch_from_dict(dict(_config("llama"), mlp_bias=True))
