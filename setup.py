@@ -21,6 +21,7 @@ setup(
         "psutil",  # megatron's dist_checkpointing hangs on save without it
         "tqdm",
     ],
+    entry_points={"console_scripts": ["opd-convert=checkpoint_tools.cli:main"]},
     extras_require={
         # SGLang's CUDA kernel package does not install on CPU; scripts/setup.sh installs the CPU subset.
         "sglang": ["sglang==0.5.23"],

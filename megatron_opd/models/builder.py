@@ -26,7 +26,8 @@ def resolve_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def transformer_config(arch: ModelArch, parallel: ParallelConfig, dtype="float32", recompute: str = "none"):
+def transformer_config(arch: ModelArch, parallel: ParallelConfig, dtype="float32", recompute: str = "none",
+                       init_weights: bool = True):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if recompute not in RECOMPUTE:
@@ -48,6 +49,7 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, dtype="float32
         qk_layernorm=arch.qk_norm, hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=arch.initializer_range, params_dtype=params_dtype, pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16, use_cpu_initialization=not on_gpu,
+        perform_initialization=init_weights,
         tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         context_parallel_size=parallel.context, sequence_parallel=parallel.sequence_parallel,
@@ -80,14 +82,15 @@ def _llama3_inv_freq(rotary, arch: ModelArch) -> torch.Tensor:
 
 
 def build_model(arch: ModelArch, parallel: ParallelConfig, dtype="float32", recompute: str = "none",
-                use_te: Optional[bool] = None) -> list:
+                use_te: Optional[bool] = None, init_weights: bool = True) -> list:
     """One GPTModel per virtual pipeline stage held by this rank (a list of one without VPP).
-    Megatron's parallel state must already be initialised for `parallel`."""
+    Megatron's parallel state must already be initialised for `parallel`. `init_weights=False` skips
+    the random init (seconds on CPU) when a checkpoint is about to overwrite every weight."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     parallel.check_model(arch.num_attention_heads, arch.num_key_value_heads, arch.num_layers)
-    config = transformer_config(arch, parallel, dtype, recompute)
+    config = transformer_config(arch, parallel, dtype, recompute, init_weights)
     spec = layer_spec(arch, use_te)
     vocab = padded_vocab_size(arch.vocab_size, parallel.tensor)
     chunks = []
