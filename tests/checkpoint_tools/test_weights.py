@@ -40,3 +40,14 @@ def test_hf_directory_loads_directly_at_tp2_pp2(tiny_models):
     tokens = sample_tokens(len(hf_tensors(hf_dir)["model.embed_tokens.weight"]))
     parity = compare(hf_logits(hf_dir, tokens), megatron_logits(hf_dir, tokens, ParallelConfig(tensor=2, pipeline=2)))
     assert parity.within(1e-4), parity
+
+
+@pytest.mark.parametrize("kv_heads, layout", [(4, ParallelConfig(tensor=2)), (1, ParallelConfig(pipeline=2))],
+                         ids=["mha-tp2", "mqa-pp2"])
+def test_any_query_group_count(kv_heads, layout, tiny_tokenizer, tmp_path):
+    from megatron_opd.models.tiny import write_tiny_checkpoint
+
+    hf_dir = write_tiny_checkpoint(str(tmp_path / "hf"), "llama", tokenizer=tiny_tokenizer, num_key_value_heads=kv_heads)
+    tokens = sample_tokens(len(tiny_tokenizer))
+    parity = compare(hf_logits(hf_dir, tokens), megatron_logits(hf_dir, tokens, layout))
+    assert parity.within(1e-4), parity
