@@ -35,3 +35,26 @@ def tiny_models(tmp_path_factory, tiny_tokenizer):
     return {family: write_tiny_checkpoint(str(root / family), family, seed=11, tokenizer=tiny_tokenizer)
             for family in FAMILIES}
 
+
+
+SGLANG_STUB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sglang_stub")
+
+
+def sglang_config(**overrides):
+    """A CPU SGLang server: the FAKE kernel package on its PYTHONPATH only, a small KV cache, fp32."""
+    from megatron_opd.rollout.sglang_server import SGLangConfig
+
+    return SGLangConfig(**{"pythonpath": [SGLANG_STUB], "dtype": "float32", "max_total_tokens": 4096,
+                           "startup_timeout_s": 240, "request_timeout_s": 120, **overrides})
+
+
+@pytest.fixture(scope="session")
+def sglang_engine(tiny_models, tmp_path_factory):
+    """One real SGLang server on the tiny Qwen2 student, shared by the rollout tests (~30 s to start)."""
+    from megatron_opd.rollout.sglang_engine import SGLangEngine
+
+    log = str(tmp_path_factory.mktemp("sglang") / "server.log")
+    engine = SGLangEngine(tiny_models["qwen2"], sglang_config(log_path=log))
+    engine.start()
+    yield engine
+    engine.stop()
