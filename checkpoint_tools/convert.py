@@ -8,7 +8,7 @@ import contextlib
 import os
 import shutil
 
-from checkpoint_tools.hf_files import METADATA_FILES, SafetensorsWriter
+from checkpoint_tools.hf_files import METADATA_FILES, write_hf_dir
 from checkpoint_tools.pretrained import MODEL_SUBDIR, read_marker, write_marker
 from checkpoint_tools.weights import export_hf_tensors, load_hf_weights
 from megatron_opd.models import build_model, load_arch
@@ -82,19 +82,11 @@ def _write_generation_config(src_dir: str, dst_dir: str) -> None:
 def mcore_to_hf(mcore_dir: str, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
     info = read_marker(mcore_dir)
     arch = load_arch(mcore_dir)
-    tmp_dir = _start_output(out_dir)
-    try:
-        with single_process_model_parallel():
-            chunks = build_model(arch, ParallelConfig(), dtype=info.get("dtype", "float32"), init_weights=False)
-            load_model(chunks, os.path.join(mcore_dir, MODEL_SUBDIR))
-            writer = SafetensorsWriter(tmp_dir, max_shard_bytes)
-            for name, tensor in export_hf_tensors(chunks, arch):
-                writer.add(name, tensor)
-            writer.finish()
-        _copy_metadata(mcore_dir, tmp_dir)
-        _write_generation_config(mcore_dir, tmp_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    os.replace(tmp_dir, out_dir)
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"{out_dir}: output directory already exists; remove it or choose another --out")
+    with single_process_model_parallel():
+        chunks = build_model(arch, ParallelConfig(), dtype=info.get("dtype", "float32"), init_weights=False)
+        load_model(chunks, os.path.join(mcore_dir, MODEL_SUBDIR))
+        write_hf_dir(export_hf_tensors(chunks, arch), out_dir, mcore_dir, max_shard_bytes)
+    _write_generation_config(mcore_dir, out_dir)
     return out_dir

@@ -130,3 +130,27 @@ class SafetensorsWriter:
         with open(index_path, "w") as f:
             json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
         return index_path
+
+
+def write_hf_dir(named_tensors, out_dir: str, metadata_dir: str, max_shard_bytes: int = 5 * 2**30) -> str:
+    """Streamed HF-named tensors + the metadata files of `metadata_dir` -> a complete HF checkpoint at
+    out_dir, written to `<out_dir>.tmp` and swapped in only once complete."""
+    import shutil
+
+    tmp = f"{out_dir}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        writer = SafetensorsWriter(tmp, max_shard_bytes)
+        for name, tensor in named_tensors:
+            writer.add(name, tensor)
+        writer.finish()
+        for name in METADATA_FILES:
+            if os.path.isfile(os.path.join(metadata_dir, name)):
+                shutil.copy2(os.path.join(metadata_dir, name), tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir

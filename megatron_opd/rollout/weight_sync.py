@@ -9,14 +9,13 @@
 The first two sit between /begin_weight_update and /end_weight_update (SGLang 0.5.23's protocol); every
 route names the new weight version and flushes the cache.
 """
-import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 import requests
 import torch
 
+from checkpoint_tools.hf_files import write_hf_dir
 from megatron_opd.rollout.engine import RolloutError
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -120,18 +119,5 @@ class DistributedSync:
 def sync_from_disk(url: str, named_tensors: NamedTensors, version: str, directory: str, metadata_dir: str,
                    timeout: float) -> None:
     """Write a complete HF checkpoint (weights + the metadata files of `metadata_dir`) and load it."""
-    from checkpoint_tools.hf_files import METADATA_FILES, SafetensorsWriter
-
-    tmp = f"{directory}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    writer = SafetensorsWriter(tmp)
-    for name, tensor in named_tensors:
-        writer.add(name, tensor)
-    writer.finish()
-    for name in METADATA_FILES:
-        if os.path.isfile(os.path.join(metadata_dir, name)):
-            shutil.copy2(os.path.join(metadata_dir, name), tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    write_hf_dir(named_tensors, directory, metadata_dir)
     post(url, "/update_weights_from_disk", {"model_path": directory, "weight_version": version}, timeout)
