@@ -58,3 +58,25 @@ def sglang_engine(tiny_models, tmp_path_factory):
     engine.start()
     yield engine
     engine.stop()
+
+
+@pytest.fixture(scope="session")
+def distill_setup(tmp_path_factory, tiny_tokenizer):
+    """A tiny student and a different teacher (same tokenizer) and synthetic-task parquet files."""
+    from megatron_opd.data.synthetic import write_synthetic_parquet
+
+    root = tmp_path_factory.mktemp("distill")
+    paths = {"student": write_tiny_checkpoint(str(root / "student"), "qwen2", seed=1, tokenizer=tiny_tokenizer),
+             "teacher": write_tiny_checkpoint(str(root / "teacher"), "qwen2", seed=2, tokenizer=tiny_tokenizer),
+             "train": write_synthetic_parquet(str(root / "train.parquet"), 64, seed=0),
+             "test": write_synthetic_parquet(str(root / "test.parquet"), 8, seed=1, split="test")}
+    return paths
+
+
+def distill_overrides(setup, save_dir, *extra):
+    """Hydra-style overrides of a tiny run: 4 prompts x 2 samples, 16 new tokens, 4 steps."""
+    return [f"student.path={setup['student']}", f"teacher.path={setup['teacher']}",
+            f"data.train_files={setup['train']}", f"data.val_files={setup['test']}", "data.train_batch_size=4",
+            "data.max_prompt_length=128", "rollout.response_length=16", "rollout.n=2", "actor.micro_batch_size=2",
+            "actor.optim.lr=1e-3", "trainer.total_steps=4", f"trainer.save_dir={save_dir}", "trainer.logger=[jsonl]",
+            *extra]

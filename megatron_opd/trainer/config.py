@@ -1,0 +1,155 @@
+"""The trainer's typed config: the schema behind `configs/distillation_trainer.yaml` (which only overrides).
+Every section validates itself when built, so a bad value fails before any model exists, naming its key."""
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from megatron_opd.data.config import DataConfig
+from megatron_opd.parallel import ParallelConfig
+from megatron_opd.rollout.sglang_server import SGLangConfig
+
+SAMPLED_KL = ("kl", "abs", "mse", "low_var_kl")
+FULL_KL = ("forward", "reverse", "jsd")
+TOPK_KL = ("topk_forward", "topk_reverse")
+KL_LOSS_TYPES = SAMPLED_KL + FULL_KL + TOPK_KL
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+LR_DECAY = ("constant", "linear", "cosine")
+LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
+
+
+class ConfigError(ValueError):
+    """A value that cannot work; the message names the key and what to change."""
+
+
+def _check(condition: bool, key: str, value, need: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r}: {need}")
+
+
+def _one_of(key: str, value, choices) -> None:
+    _check(value in choices, key, value, f"must be one of {'|'.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # an HF model directory or a converted Megatron checkpoint
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "local"  # local (embedded, in-process) | sglang
+    n: int = 1
+    temperature: float = 0.6
+    top_p: float = 1.0
+    top_k: int = -1
+    response_length: int = 256
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+
+    def __post_init__(self):
+        _one_of("rollout.engine", self.engine, ("local", "sglang"))
+        _check(self.n >= 1, "rollout.n", self.n, "must be >= 1")
+        _check(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0 (on-policy sampling)")
+        _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
+        _check(self.response_length >= 1, "rollout.response_length", self.response_length, "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 0
+    lr_decay: str = "constant"
+
+    def __post_init__(self):
+        _check(self.lr > 0, "actor.optim.lr", self.lr, "must be > 0")
+        _check(0 <= self.min_lr <= self.lr, "actor.optim.min_lr", self.min_lr, "must be in [0, lr]")
+        _check(self.warmup_steps >= 0, "actor.optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        _one_of("actor.optim.lr_decay", self.lr_decay, LR_DECAY)
+
+
+@dataclass
+class ActorConfig:
+    kl_loss_type: str = "low_var_kl"
+    kl_loss_coef: float = 1.0
+    jsd_beta: float = 0.5
+    topk: int = 0  # the teacher's support for topk_forward/topk_reverse
+    entropy_coeff: float = 0.0
+    loss_agg_mode: str = "token-mean"
+    ppo_epochs: int = 1
+    ppo_mini_batch_size: Optional[int] = None  # prompts per optimizer step; null: the whole batch
+    micro_batch_size: int = 1  # sequences per forward/backward
+    grad_clip: float = 1.0
+    recompute: str = "none"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        _one_of("actor.kl_loss_type", self.kl_loss_type, KL_LOSS_TYPES)
+        _one_of("actor.loss_agg_mode", self.loss_agg_mode, AGG_MODES)
+        _one_of("actor.recompute", self.recompute, ("none", "selective", "full"))
+        _check(0 <= self.jsd_beta <= 1, "actor.jsd_beta", self.jsd_beta, "must be in [0, 1]")
+        _check(self.kl_loss_type not in TOPK_KL or self.topk >= 1, "actor.topk", self.topk,
+               f"must be >= 1 with actor.kl_loss_type={self.kl_loss_type}")
+        _check(self.ppo_epochs >= 1, "actor.ppo_epochs", self.ppo_epochs, "must be >= 1")
+        _check(self.micro_batch_size >= 1, "actor.micro_batch_size", self.micro_batch_size, "must be >= 1")
+        _check(self.ppo_mini_batch_size is None or self.ppo_mini_batch_size >= 1, "actor.ppo_mini_batch_size",
+               self.ppo_mini_batch_size, "must be null or >= 1")
+        _check(self.grad_clip >= 0, "actor.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainerConfig:
+    mode: str = "distill"  # distill (on-policy, from the teacher) | sft (cross-entropy on given responses)
+    total_steps: int = 10
+    save_freq: int = 0  # 0: only at the end
+    test_freq: int = 0  # 0: never
+    save_dir: str = "runs/opd"
+    resume: str = "auto"  # auto | never | PATH of a checkpoint
+    logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    seed: int = 1
+    export_hf: bool = True  # write the final student as an HF checkpoint
+    val_max_new_tokens: Optional[int] = None  # null: rollout.response_length
+
+    def __post_init__(self):
+        _one_of("trainer.mode", self.mode, ("distill", "sft"))
+        _check(self.total_steps >= 1, "trainer.total_steps", self.total_steps, "must be >= 1")
+        for key in ("save_freq", "test_freq"):
+            _check(getattr(self, key) >= 0, f"trainer.{key}", getattr(self, key), "must be >= 0")
+        for sink in self.logger:
+            _one_of("trainer.logger", sink, LOGGERS)
+
+
+@dataclass
+class OPDConfig:
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self):
+        _check(bool(self.student.path), "student.path", self.student.path, "is required (an HF or converted model)")
+        if self.trainer.mode == "distill":
+            _check(bool(self.teacher.path), "teacher.path", self.teacher.path, "is required with trainer.mode=distill")
+        batch = self.data.train_batch_size
+        mini = self.actor.ppo_mini_batch_size or batch
+        _check(batch % mini == 0, "actor.ppo_mini_batch_size", mini,
+               f"must divide data.train_batch_size={batch}")
+        _check(self.trainer.mode != "sft" or bool(self.data.response_key), "data.response_key",
+               self.data.response_key, "is required with trainer.mode=sft (e.g. extra_info.answer)")
+        _check(self.trainer.test_freq == 0 or self.data.val_files is not None, "trainer.test_freq",
+               self.trainer.test_freq, "needs data.val_files")
+
+
+def to_config(raw: Any) -> OPDConfig:
+    """OmegaConf/Hydra config -> validated OPDConfig (raises ConfigError and friends, naming the key)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(raw) if not isinstance(raw, OPDConfig) else raw

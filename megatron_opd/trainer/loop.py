@@ -1,0 +1,153 @@
+"""The on-policy distillation loop (and its SFT mode) on megatron-core.
+
+One step: a prompt batch -> student rollouts from the engine (global rank 0, broadcast) -> the co-located
+teacher's forward-only pass (same layout, outputs kept sharded on the last stage) -> the student's
+forward-backward with the distillation loss, `ppo_epochs` passes over `ppo_mini_batch_size` mini-batches,
+one optimizer step each -> the new weights pushed to the engine.
+"""
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.trainer import checkpoint
+from megatron_opd.trainer.batch import build_batch
+from megatron_opd.trainer.config import OPDConfig
+from megatron_opd.trainer.objective import sft_loss, student_loss, teacher_outputs
+from megatron_opd.trainer.pipeline import student_pass, teacher_pass
+from megatron_opd.trainer.setup import Run
+
+TIMINGS = ("gen", "teacher", "update_actor", "sync", "step")
+
+
+def _broadcast(obj, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _last_stage_sum(values: dict) -> dict:
+    """Sum per-rank metric shares over data-parallel ranks (TP ranks hold copies; one counts) to all ranks."""
+    from megatron.core import parallel_state
+
+    names = sorted(_broadcast(sorted(values) if dist.get_rank() == dist.get_world_size() - 1 else None,
+                              src=dist.get_world_size() - 1))
+    counts = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    vector = torch.tensor([float(values.get(n, 0.0)) if counts else 0.0 for n in names], dtype=torch.float64)
+    dist.all_reduce(vector)
+    return dict(zip(names, vector.tolist()))
+
+
+class Trainer:
+    def __init__(self, cfg: OPDConfig):
+        self.cfg = cfg
+        self.run = Run(cfg)
+
+    def rollouts(self, step: int, items: list[dict]):
+        """Prompt+response token lists for this step, the same on every rank."""
+        cfg, run = self.cfg, self.run
+        prompts = [item["input_ids"] for item in items]
+        if cfg.trainer.mode == "sft":
+            return [(p, item["response_ids"]) for p, item in zip(prompts, items)], {}
+        samples = None
+        if dist.get_rank() == 0:
+            samples = [(s.prompt_ids, s.response_ids) for s in run.engine.generate(prompts, run.sampling(step))]
+        samples = _broadcast(samples)
+        lengths = [len(r) for _, r in samples]
+        return samples, {"response_length/mean": sum(lengths) / len(lengths), "response_length/max": max(lengths)}
+
+    def update(self, batch) -> dict:
+        """All mini-batches and epochs of one step; returns the averaged metrics."""
+        cfg, run = self.cfg, self.run
+        from megatron.core import parallel_state
+        from megatron_opd.loss import response_counts
+
+        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        rows_per_rank = batch.size // dp
+        local = batch.rows(dp_rank * rows_per_rank, (dp_rank + 1) * rows_per_rank)
+        micro = local.micro_batches(cfg.actor.micro_batch_size)
+        start = time.perf_counter()
+        teacher = []
+        if cfg.trainer.mode == "distill":
+            keep = lambda logits, mb: teacher_outputs(logits, mb.labels, cfg.actor, cfg.rollout.temperature,
+                                                      run.vocab_size, run.tp_group)
+            teacher = teacher_pass(run.teacher, micro, keep)
+        teacher_s = time.perf_counter() - start
+        per_mini = len(micro) // run.mini_batches_per_step
+        totals, updates = {}, 0
+        for _ in range(cfg.actor.ppo_epochs):
+            for m in range(run.mini_batches_per_step):
+                mini = micro[m * per_mini:(m + 1) * per_mini]
+                counts = response_counts([mb.loss_mask for mb in mini], dp_group=run.dp_group)
+
+                def share(index, logits, mb, first=m * per_mini, counts=counts):
+                    if cfg.trainer.mode == "sft":
+                        return sft_loss(logits, mb.labels, mb.loss_mask, run.vocab_size, run.tp_group, counts,
+                                        index, cfg.actor.loss_agg_mode)
+                    return student_loss(logits, mb.labels, mb.loss_mask, teacher[first + index] if teacher else None,
+                                        cfg.actor, cfg.rollout.temperature, run.vocab_size, run.tp_group, counts,
+                                        index)
+
+                for chunk in run.ddp:
+                    chunk.zero_grad_buffer()
+                run.optimizer.zero_grad()
+                results = student_pass(run.ddp, mini, share, scale=len(mini) * dp)
+                _, grad_norm, _ = run.optimizer.step()
+                run.scheduler.step(increment=1)
+                local_sums = {}
+                for result in results:
+                    for name, value in result.items():
+                        local_sums[name] = local_sums.get(name, 0.0) + float(value)
+                for name, value in _last_stage_sum(local_sums).items():
+                    totals[name] = totals.get(name, 0.0) + value
+                totals["actor/grad_norm"] = totals.get("actor/grad_norm", 0.0) + float(grad_norm or 0.0)
+                updates += 1
+        metrics = {name: value / updates for name, value in totals.items()}
+        metrics["actor/lr"] = run.optimizer.param_groups[0]["lr"]
+        return metrics, teacher_s
+
+    def validate(self) -> dict:
+        run = self.run
+        accuracy = None
+        if dist.get_rank() == 0:
+            accuracy = run.validate()
+        return {"val/accuracy": _broadcast(accuracy)}
+
+    def train(self) -> list[dict]:
+        cfg, run = self.cfg, self.run
+        history = []
+        step = run.start_step
+        run.sync_engine(step)
+        if cfg.trainer.test_freq and step == 0:
+            run.log(0, self.validate())
+        while step < cfg.trainer.total_steps:
+            started = time.perf_counter()
+            items = run.next_items()
+            samples, metrics = self.rollouts(step, items)
+            gen_s = time.perf_counter() - started
+            batch = build_batch([p for p, _ in samples], [r for _, r in samples], run.pad_id)
+            update_started = time.perf_counter()
+            update_metrics, teacher_s = self.update(batch)
+            update_s = time.perf_counter() - update_started - teacher_s
+            step += 1
+            sync_started = time.perf_counter()
+            run.sync_engine(step)
+            sync_s = time.perf_counter() - sync_started
+            metrics.update(update_metrics)
+            if cfg.trainer.mode == "distill":
+                metrics["actor/distillation_mode"] = 1.0
+            step_s = time.perf_counter() - started
+            metrics.update({f"timing_s/{k}": v for k, v in zip(TIMINGS, (gen_s, teacher_s, update_s, sync_s, step_s))})
+            metrics["perf/tokens_per_s"] = int(batch.loss_mask.numel()) / step_s
+            if cfg.trainer.test_freq and step % cfg.trainer.test_freq == 0:
+                metrics.update(self.validate())
+            if (cfg.trainer.save_freq and step % cfg.trainer.save_freq == 0) or step == cfg.trainer.total_steps:
+                checkpoint.save(cfg.trainer.save_dir, step, run.ddp, run.optimizer, run.scheduler,
+                                {"sampler": run.sampler.state_dict()})
+            run.log(step, metrics)
+            history.append({"step": step, **metrics})
+        if cfg.trainer.export_hf:
+            run.export_hf(os.path.join(cfg.trainer.save_dir, "hf"))
+        run.close()
+        return history

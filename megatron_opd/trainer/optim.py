@@ -1,0 +1,28 @@
+"""Megatron DDP, optimizer (distributed when data-parallel) and learning-rate schedule for the student."""
+from megatron_opd.trainer.config import ActorConfig
+
+
+def wrap_and_build_optimizer(chunks, actor: ActorConfig, total_optimizer_steps: int, data_parallel: int):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = chunks[0].config
+    distributed_optimizer = data_parallel > 1
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=distributed_optimizer)
+    wrapped = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+               for i, chunk in enumerate(chunks)]
+    config.finalize_model_grads_func = finalize_model_grads
+    optim = actor.optim
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, clip_grad=actor.grad_clip,
+        bf16=config.bf16, params_dtype=config.params_dtype, use_distributed_optimizer=distributed_optimizer),
+        wrapped)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(total_optimizer_steps, optim.warmup_steps + 1),
+        lr_decay_style=optim.lr_decay, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+        wd_incr_steps=total_optimizer_steps, wd_incr_style="constant")
+    return wrapped, optimizer, scheduler

@@ -1,0 +1,150 @@
+"""Everything a run holds, built in the order that fails fastest: config and layout checks, then data,
+then models (student, co-located teacher), optimizer, engine, resume, metric sinks."""
+import dataclasses
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from checkpoint_tools.pretrained import is_hf_dir, load_pretrained
+from megatron_opd.data.gsm8k_score import accuracy
+from megatron_opd.data.prompt_dataset import PromptDataset
+from megatron_opd.data.sampler import PromptSampler
+from megatron_opd.models import load_arch
+from megatron_opd.parallel import initialize_model_parallel
+from megatron_opd.rollout.embedded_engine import make_engine
+from megatron_opd.rollout.engine import SamplingParams
+from megatron_opd.rollout.hf_dir import HFDirWriter
+from megatron_opd.trainer import checkpoint
+from megatron_opd.trainer.config import ConfigError, OPDConfig
+from megatron_opd.trainer.metrics import Metrics
+from megatron_opd.trainer.optim import wrap_and_build_optimizer
+from megatron_opd.trainer.weight_push import push_weights
+
+
+def _tokenizer_file(path: str):
+    tokenizer = os.path.join(path, "tokenizer.json")
+    return open(tokenizer, "rb").read() if os.path.isfile(tokenizer) else None
+
+
+def check_layout_and_vocab(cfg: OPDConfig, world_size: int):
+    """Before any model is built: both models fit the layout and share the vocabulary."""
+    student = load_arch(cfg.student.path)
+    for key, arch in (("student.path", student),) + ((("teacher.path", load_arch(cfg.teacher.path)),)
+                                                        if cfg.trainer.mode == "distill" else ()):
+        try:
+            cfg.parallel.validate(world_size, arch.num_attention_heads, arch.num_key_value_heads, arch.num_layers)
+        except ValueError as err:
+            raise ConfigError(f"{key}={getattr(cfg, key.split('.')[0]).path}: {err}") from None
+    if cfg.trainer.mode == "distill":
+        teacher = load_arch(cfg.teacher.path)
+        same_tokens = _tokenizer_file(cfg.student.path) == _tokenizer_file(cfg.teacher.path)
+        if teacher.vocab_size != student.vocab_size or not same_tokens:
+            raise ConfigError(
+                f"teacher.path={cfg.teacher.path} (vocab {teacher.vocab_size}) and student.path={cfg.student.path} "
+                f"(vocab {student.vocab_size}) do not share the vocabulary{'' if same_tokens else ' (tokenizers differ)'};"
+                f" on-policy distillation compares their distributions token by token: use a teacher with the "
+                f"student's tokenizer")
+    sequences = cfg.data.train_batch_size * cfg.rollout.n
+    dp = world_size // cfg.parallel.model_parallel_size
+    mini = (cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size) * cfg.rollout.n
+    if mini % dp or (mini // dp) % cfg.actor.micro_batch_size:
+        raise ConfigError(f"actor.micro_batch_size={cfg.actor.micro_batch_size}: each of the {dp} data-parallel "
+                          f"ranks gets {mini / dp:g} sequences per mini-batch ({mini} = ppo_mini_batch_size x "
+                          f"rollout.n), which must be a whole multiple of it")
+    return student, sequences
+
+
+class Run:
+    def __init__(self, cfg: OPDConfig):
+        from megatron.core import parallel_state
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        world = dist.get_world_size()
+        self.arch, _ = check_layout_and_vocab(cfg, world)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.student.path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.dataset = PromptDataset.from_config(cfg.data, self.tokenizer, "train")
+        self.val_dataset = PromptDataset.from_config(cfg.data, self.tokenizer, "val") if cfg.data.val_files else None
+        self.sampler = PromptSampler(len(self.dataset), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
+        initialize_model_parallel(cfg.parallel, seed=cfg.trainer.seed)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.vocab_size = self.arch.vocab_size
+        _, self.student = load_pretrained(cfg.student.path, cfg.parallel, cfg.student.dtype, cfg.actor.recompute)
+        self.teacher = (load_pretrained(cfg.teacher.path, cfg.parallel, cfg.teacher.dtype)[1]
+                        if cfg.trainer.mode == "distill" else None)
+        self.mini_batches_per_step = cfg.data.train_batch_size // (cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size)
+        total_updates = cfg.trainer.total_steps * cfg.actor.ppo_epochs * self.mini_batches_per_step
+        self.ddp, self.optimizer, self.scheduler = wrap_and_build_optimizer(
+            self.student, cfg.actor, total_updates, parallel_state.get_data_parallel_world_size())
+        self.uses_engine = cfg.trainer.mode == "distill" or bool(cfg.trainer.test_freq)
+        self.engine = self._start_engine() if self.uses_engine else None
+        self.start_step = 0
+        found = checkpoint.find(cfg.trainer.save_dir, cfg.trainer.resume)
+        if found:
+            extra = checkpoint.load(found, self.ddp, self.optimizer, self.scheduler)
+            self.sampler.load_state_dict(extra["sampler"])
+            self.start_step = extra["step"]
+        self.metrics = None
+        if dist.get_rank() == 0:
+            self.metrics = Metrics(cfg.trainer.logger, cfg.trainer.save_dir, cfg.trainer.total_steps, self.start_step,
+                                   json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+
+    def _start_engine(self):
+        """On rank 0; elsewhere None. A converted (Megatron) student first gets an HF copy to start from."""
+        cfg = self.cfg
+        model_dir = cfg.student.path
+        if not is_hf_dir(model_dir):
+            model_dir = os.path.join(cfg.trainer.save_dir, "engine_start")
+            push_weights(HFDirWriter(model_dir, cfg.student.path), self.student, self.arch, version=0)
+        if dist.get_rank() != 0:
+            return None
+        dtype = torch.bfloat16 if cfg.student.dtype == "bfloat16" else torch.float32
+        engine = make_engine(cfg.rollout.engine, model_dir, cfg.rollout.sglang, dtype=dtype)
+        engine.start()
+        return engine
+
+    def sync_engine(self, version: int) -> None:
+        """Collective: the engine (rank 0) gets the student's current weights."""
+        if self.uses_engine:
+            push_weights(self.engine, self.student, self.arch, version)
+
+    def sampling(self, step: int) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(max_new_tokens=r.response_length, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              n=r.n, stop_token_ids=(self.tokenizer.eos_token_id,),
+                              seed=self.cfg.trainer.seed * 1_000_003 + step)
+
+    def next_items(self) -> list[dict]:
+        items = [self.dataset[i] for i in self.sampler.next_batch()]
+        if self.cfg.trainer.mode == "sft":
+            for item in items:
+                item["response_ids"] = self.tokenizer(item["response"] + self.tokenizer.eos_token,
+                                                      add_special_tokens=False)["input_ids"]
+        return items
+
+    def validate(self) -> float:
+        """Greedy answers to every validation prompt, scored like GSM8K (strict '#### N')."""
+        items = [self.val_dataset[i] for i in range(len(self.val_dataset))]
+        max_new = self.cfg.trainer.val_max_new_tokens or self.cfg.rollout.response_length
+        samples = self.engine.generate([it["input_ids"] for it in items], SamplingParams(
+            max_new_tokens=max_new, temperature=0.0, stop_token_ids=(self.tokenizer.eos_token_id,)))
+        texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        return accuracy(texts, [it["ground_truth"] for it in items])
+
+    def log(self, step: int, metrics: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.log(step, metrics)
+
+    def export_hf(self, out_dir: str) -> None:
+        push_weights(HFDirWriter(out_dir, self.cfg.student.path) if dist.get_rank() == 0 else None,
+                     self.student, self.arch, version=-1)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.engine is not None:
+            self.engine.stop()

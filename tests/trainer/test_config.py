@@ -1,0 +1,76 @@
+"""The YAML and the schema agree; bad configs fail before any model is built, naming the key."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from megatron_opd.train import CONFIG_DIR
+from megatron_opd.trainer.config import ConfigError, OPDConfig, to_config
+from megatron_opd.trainer.setup import check_layout_and_vocab
+from tests.conftest import distill_overrides
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name="distillation_trainer", overrides=list(overrides))
+
+
+def test_yaml_adds_no_defaults_of_its_own():
+    from_yaml = OmegaConf.to_container(composed(), resolve=False)
+    from_schema = OmegaConf.to_container(OmegaConf.structured(OPDConfig), resolve=False)
+    from_yaml.pop("hydra", None)
+    assert from_yaml == from_schema
+
+
+def test_seed_defaults():
+    schema = OmegaConf.structured(OPDConfig)
+    assert (schema.actor.kl_loss_coef, schema.actor.kl_loss_type, schema.actor.entropy_coeff, schema.actor.optim.lr,
+            schema.actor.ppo_epochs, schema.rollout.temperature) == (1.0, "low_var_kl", 0.0, 1e-5, 1, 0.6)
+
+
+def test_valid_overrides_build_a_config(distill_setup, tmp_path):
+    cfg = to_config(composed(*distill_overrides(distill_setup, tmp_path)))
+    assert cfg.data.train_files == [distill_setup["train"]] and cfg.rollout.n == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("actor.kl_loss_type=foo", r"actor.kl_loss_type='foo': must be one of kl\|abs\|mse\|low_var_kl"),
+    ("actor.ppo_mini_batch_size=3", r"actor.ppo_mini_batch_size=3: must divide data.train_batch_size=4"),
+    ("rollout.temperature=0", r"rollout.temperature=0.0: must be > 0"),
+    ("data.truncation=middle", r"data.truncation='middle': must be one of error\|left\|right"),
+    ("parallel.tensor=0", r"parallel.tensor=0: must be an integer >= 1"),
+    ("trainer.mode=sft", r"data.response_key=None: is required with trainer.mode=sft"),
+])
+def test_bad_values_name_the_key(distill_setup, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        to_config(composed(*distill_overrides(distill_setup, tmp_path), override))
+
+
+def test_impossible_layout_and_mismatched_vocab_fail_before_models(distill_setup, tiny_tokenizer, tmp_path):
+    from megatron_opd.models.tiny import train_tokenizer, write_tiny_checkpoint
+
+    cfg = to_config(composed(*distill_overrides(distill_setup, tmp_path), "parallel.tensor=2"))
+    with pytest.raises(ConfigError, match=r"student.path=.*world size 1 is not divisible"):
+        check_layout_and_vocab(cfg, world_size=1)
+    cfg = to_config(composed(*distill_overrides(distill_setup, tmp_path), "parallel.tensor=4"))
+    with pytest.raises(ConfigError, match=r"num_key_value_heads=2 is not divisible by parallel.tensor=4"):
+        check_layout_and_vocab(cfg, world_size=4)
+    other = write_tiny_checkpoint(str(tmp_path / "other_vocab"), "qwen2", tokenizer=train_tokenizer(vocab_size=280))
+    cfg = to_config(composed(*distill_overrides(distill_setup, tmp_path), f"teacher.path={other}"))
+    with pytest.raises(ConfigError, match=r"do not share the vocabulary"):
+        check_layout_and_vocab(cfg, world_size=1)
+
+
+def test_cli_rejects_unknown_key_and_bad_type_quickly(distill_setup, tmp_path):
+    base = [sys.executable, "-m", "megatron_opd.train", *distill_overrides(distill_setup, tmp_path)]
+    for bad, message in (("trainer.bogus=1", "Key 'bogus' not in 'TrainerConfig'"),
+                         ("actor.micro_batch_size=two", "could not be converted to Integer")):
+        started = time.monotonic()
+        done = subprocess.run(base + [bad], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+        assert time.monotonic() - started < 60
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
