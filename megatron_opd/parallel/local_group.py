@@ -28,6 +28,9 @@ def _worker(rank, world_size, port, conn, fn, args, threads, timeout_s):
     try:
         distributed.init_distributed(timeout_s=timeout_s)
         payload = ("ok", fn(rank, world_size, *args))
+        # Rank 0 hosts the rendezvous store: leaving before every peer is done would pull it from under them.
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
     except BaseException:
         payload = ("error", traceback.format_exc())
     try:
@@ -55,7 +58,8 @@ def _import_megatron_once():
 def run_local(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = 300.0,
               start_method: str = "fork", threads: int = 1) -> list:
     """fn(rank, world_size, *args) on `world_size` processes; returns the per-rank results.
-    Workers are not daemonic: megatron's checkpoint save starts helper processes of its own."""
+    Workers are not daemonic: megatron's checkpoint save starts helper processes of its own. Keep
+    threads=1 when forking: a forked child whose parent already ran OpenMP work can stall with more."""
     ctx = mp.get_context(start_method)
     if start_method == "fork":
         _import_megatron_once()
