@@ -21,7 +21,11 @@ setup(
         "psutil",  # megatron's dist_checkpointing hangs on save without it
         "tqdm",
     ],
-    entry_points={"console_scripts": ["opd-convert=checkpoint_tools.cli:main"]},
+    entry_points={"console_scripts": [
+        "opd-convert=checkpoint_tools.cli:main",
+        "opd-train=megatron_opd.train:main",
+        "opd-generate=megatron_opd.generate:main",
+    ]},
     extras_require={
         # SGLang's CUDA kernel package does not install on CPU; scripts/setup.sh installs the CPU subset.
         "sglang": ["sglang==0.5.23"],

@@ -4,7 +4,6 @@ from typing import Any, Optional
 
 TRUNCATION_MODES = ("error", "left", "right")
 # Files are a path or a list of paths. Typed Any: OmegaConf (Hydra's structured configs) has no Union.
-MISSING = "???"  # OmegaConf's marker of a required value, so the schema can be built before it is given
 
 
 class DataConfigError(ValueError):
@@ -29,7 +28,7 @@ def _is_int(value) -> bool:
 
 @dataclass
 class DataConfig:
-    train_files: Any = MISSING
+    train_files: Optional[Any] = None  # required by training (checked there), not by generation
     val_files: Optional[Any] = None
     train_batch_size: int = 8
     max_prompt_length: int = 512
@@ -41,7 +40,7 @@ class DataConfig:
     response_key: Optional[str] = None  # dotted path of the target response for SFT, e.g. extra_info.answer
 
     def __post_init__(self):
-        if self.train_files != MISSING:
+        if self.train_files is not None:
             self.train_files = _file_list("train_files", self.train_files)
         if self.val_files is not None:
             self.val_files = _file_list("val_files", self.val_files)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from megatron_opd.data.chat import encode_prompt, prompt_lengths, render_prompts
-from megatron_opd.data.config import MISSING, TRUNCATION_MODES, DataConfig, DataConfigError
+from megatron_opd.data.config import TRUNCATION_MODES, DataConfig, DataConfigError
 from megatron_opd.data.schema import DataError
 from megatron_opd.data.sources import open_source
 
@@ -56,7 +56,7 @@ class PromptDataset:
             raise ValueError(f"split={split!r}: must be 'train' or 'val'")
         key = f"{split}_files"
         files = getattr(config, key)
-        if files is None or files == MISSING:
+        if files is None:
             raise DataConfigError(f"data.{key} is not set; list the {split} files there")
         return cls(files, tokenizer, max_prompt_length=config.max_prompt_length, truncation=config.truncation,
                    filter_overlong_prompts=config.filter_overlong_prompts, prompt_key=config.prompt_key,

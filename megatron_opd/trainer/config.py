@@ -136,6 +136,7 @@ class OPDConfig:
 
     def __post_init__(self):
         _check(bool(self.student.path), "student.path", self.student.path, "is required (an HF or converted model)")
+        _check(self.data.train_files is not None, "data.train_files", None, "is required (parquet/jsonl prompts)")
         if self.trainer.mode == "distill":
             _check(bool(self.teacher.path), "teacher.path", self.teacher.path, "is required with trainer.mode=distill")
         batch = self.data.train_batch_size

@@ -2,7 +2,6 @@ import pytest
 from omegaconf import OmegaConf
 
 from megatron_opd.data import DataConfig, DataConfigError
-from megatron_opd.data.config import MISSING
 
 
 def test_defaults_and_file_lists():
@@ -38,5 +37,5 @@ def test_bad_values_name_the_key(overrides, message):
     assert str(error.value).startswith(message)
 
 
-def test_train_files_default_to_omegaconfs_missing_marker():
-    assert DataConfig().train_files == MISSING == "???"
+def test_files_are_optional_here_and_required_where_used():
+    assert DataConfig().train_files is None and DataConfig().val_files is None

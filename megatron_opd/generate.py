@@ -1,0 +1,119 @@
+"""opd-generate: responses of a model to a prompt set, written as verl-schema rows with a `response`
+column (jsonl or parquet, by the output's extension), and the GSM8K-style accuracy printed.
+
+The output is valid training data as it stands: `trainer.mode=sft data.response_key=response` trains on
+it (the off-policy distillation baseline: SFT on teacher samples).
+
+Run: python -m megatron_opd.generate model.path=DIR data.val_files=test.parquet [output=out.jsonl]
+         [rollout.engine=sglang] [do_sample=true rollout.temperature=0.6 rollout.n=4]
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf.errors import OmegaConfBaseException
+
+from megatron_opd.data.config import DataConfig
+from megatron_opd.parallel.quiet import quiet_known_messages
+from megatron_opd.train import CONFIG_DIR
+from megatron_opd.trainer.config import ConfigError, ModelConfig, RolloutConfig
+
+
+@dataclass
+class GenerateConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # the prompts are data.val_files
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    do_sample: bool = False  # false: greedy decoding
+    output: str = "outputs/generations.jsonl"
+    score_method: str = "strict"
+    max_prompts: Optional[int] = None
+
+    def __post_init__(self):
+        if not self.model.path:
+            raise ConfigError("model.path=None: is required (an HF model directory)")
+        if self.data.val_files is None:
+            raise ConfigError("data.val_files=None: is required (the prompts to answer)")
+        if not self.output.endswith((".jsonl", ".parquet")):
+            raise ConfigError(f"output={self.output!r}: must end in .jsonl or .parquet")
+
+
+ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
+
+
+def generate(cfg: GenerateConfig) -> float:
+    from transformers import AutoTokenizer
+
+    from checkpoint_tools.pretrained import is_hf_dir
+    from megatron_opd.data.gsm8k_score import score
+    from megatron_opd.data.prompt_dataset import PromptDataset
+    from megatron_opd.rollout.embedded_engine import make_engine
+    from megatron_opd.rollout.engine import SamplingParams
+
+    if not is_hf_dir(cfg.model.path):
+        raise ConfigError(f"model.path={cfg.model.path}: not a Hugging Face checkpoint; convert a Megatron one "
+                          f"with `opd-convert mcore-to-hf` first")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    dataset = PromptDataset.from_config(cfg.data, tokenizer, "val")
+    items = [dataset[i] for i in range(min(len(dataset), cfg.max_prompts or len(dataset)))]
+    r = cfg.rollout
+    sampling = SamplingParams(max_new_tokens=r.response_length, temperature=r.temperature if cfg.do_sample else 0.0,
+                              top_p=r.top_p, top_k=r.top_k, n=r.n, stop_token_ids=(tokenizer.eos_token_id,), seed=0)
+    engine = make_engine(r.engine, cfg.model.path, r.sglang)
+    engine.start()
+    try:
+        started = time.perf_counter()
+        samples = engine.generate([item["input_ids"] for item in items], sampling)
+        seconds = time.perf_counter() - started
+    finally:
+        engine.stop()
+    texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+    rows = []
+    for k, (sample, text) in enumerate(zip(samples, texts)):
+        item = items[k // r.n]
+        rows.append({"data_source": item["data_source"], "prompt": item["raw_prompt"], "ability": "math",
+                     "reward_model": {"style": "rule", "ground_truth": item["ground_truth"]},
+                     "extra_info": {"index": item["index"], "sample": k % r.n}, "response": text,
+                     "score": score(text, item["ground_truth"], cfg.score_method)})
+    _write(rows, cfg.output)
+    accuracy = sum(row["score"] for row in rows) / len(rows)
+    tokens = sum(len(s.response_ids) for s in samples)
+    print(f"{len(items)} prompts x {r.n}: accuracy {accuracy:.4f} ({cfg.score_method}); {tokens} tokens in "
+          f"{seconds:.1f}s ({tokens / seconds:.0f} tok/s, {r.engine} engine); wrote {cfg.output}")
+    return accuracy
+
+
+def _write(rows: list[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    if path.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    else:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="generation", version_base=None)
+def main(raw) -> None:
+    quiet_known_messages()
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.to_object(raw)
+    except (ValueError, OmegaConfBaseException) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    generate(cfg)
+
+
+if __name__ == "__main__":
+    main()
