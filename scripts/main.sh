@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m megatron_opd.demo.layout_parity "$@"
+exec .venv/bin/python -m megatron_opd.demo.opd_demo "$@"

@@ -6,6 +6,8 @@ actionable here. Call before importing megatron.
   DCP's load argument order), and TransformerConfig's default CUDA-graph scope.
 - GPTModel's deprecation banner: GPTModel with the local/TE layer specs is the documented path in 0.19.
 - the async-save deprecation: checkpoints here are saved synchronously.
+- megatron's INFO lines (Hydra turns INFO on: they dump every optimizer field each run) and transformers'
+  weight-loading progress bars (one per engine start and weight sync).
 """
 import logging
 import re
@@ -26,3 +28,9 @@ def quiet_known_messages() -> None:
     warnings.filterwarnings("ignore", message=pattern)
     for name in _KNOWN_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.disable_progress_bar()

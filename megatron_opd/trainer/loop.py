@@ -57,53 +57,56 @@ class Trainer:
         lengths = [len(r) for _, r in samples]
         return samples, {"response_length/mean": sum(lengths) / len(lengths), "response_length/max": max(lengths)}
 
-    def update(self, batch) -> dict:
-        """All mini-batches and epochs of one step; returns the averaged metrics."""
+    def _teacher(self, micro: list) -> list:
         cfg, run = self.cfg, self.run
-        from megatron.core import parallel_state
+        if cfg.trainer.mode != "distill":
+            return [None] * len(micro)
+        keep = lambda logits, mb: teacher_outputs(logits, mb.labels, cfg.actor, cfg.rollout.temperature,
+                                                  run.vocab_size, run.tp_group)
+        return teacher_pass(run.teacher, micro, keep)
+
+    def _optimizer_step(self, mini: list, teacher: list, data_parallel: int) -> dict:
+        """One optimizer step on a mini-batch (this rank's micro-batches); its global metrics."""
         from megatron_opd.loss import response_counts
 
+        cfg, run = self.cfg, self.run
+        counts = response_counts([mb.loss_mask for mb in mini], dp_group=run.dp_group)
+
+        def share(index, logits, mb):
+            if cfg.trainer.mode == "sft":
+                return sft_loss(logits, mb.labels, mb.loss_mask, run.vocab_size, run.tp_group, counts, index,
+                                cfg.actor.loss_agg_mode)
+            return student_loss(logits, mb.labels, mb.loss_mask, teacher[index], cfg.actor, cfg.rollout.temperature,
+                                run.vocab_size, run.tp_group, counts, index)
+
+        for chunk in run.ddp:
+            chunk.zero_grad_buffer()
+        run.optimizer.zero_grad()
+        results = student_pass(run.ddp, mini, share, scale=len(mini) * data_parallel)
+        _, grad_norm, _ = run.optimizer.step()
+        run.scheduler.step(increment=1)
+        shares = {}
+        for result in results:
+            for name, value in result.items():
+                shares[name] = shares.get(name, 0.0) + float(value)
+        return {**_last_stage_sum(shares), "actor/grad_norm": float(grad_norm or 0.0)}
+
+    def update(self, batch) -> tuple[dict, float]:
+        """Teacher pass, then every mini-batch of every epoch; averaged metrics and the teacher's seconds."""
+        from megatron.core import parallel_state
+
+        cfg, run = self.cfg, self.run
         dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        rows_per_rank = batch.size // dp
-        local = batch.rows(dp_rank * rows_per_rank, (dp_rank + 1) * rows_per_rank)
-        micro = local.micro_batches(cfg.actor.micro_batch_size)
-        start = time.perf_counter()
-        teacher = []
-        if cfg.trainer.mode == "distill":
-            keep = lambda logits, mb: teacher_outputs(logits, mb.labels, cfg.actor, cfg.rollout.temperature,
-                                                      run.vocab_size, run.tp_group)
-            teacher = teacher_pass(run.teacher, micro, keep)
-        teacher_s = time.perf_counter() - start
+        rows = batch.size // dp
+        micro = batch.rows(dp_rank * rows, (dp_rank + 1) * rows).micro_batches(cfg.actor.micro_batch_size)
+        started = time.perf_counter()
+        teacher = self._teacher(micro)
+        teacher_s = time.perf_counter() - started
         per_mini = len(micro) // run.mini_batches_per_step
-        totals, updates = {}, 0
-        for _ in range(cfg.actor.ppo_epochs):
-            for m in range(run.mini_batches_per_step):
-                mini = micro[m * per_mini:(m + 1) * per_mini]
-                counts = response_counts([mb.loss_mask for mb in mini], dp_group=run.dp_group)
-
-                def share(index, logits, mb, first=m * per_mini, counts=counts):
-                    if cfg.trainer.mode == "sft":
-                        return sft_loss(logits, mb.labels, mb.loss_mask, run.vocab_size, run.tp_group, counts,
-                                        index, cfg.actor.loss_agg_mode)
-                    return student_loss(logits, mb.labels, mb.loss_mask, teacher[first + index] if teacher else None,
-                                        cfg.actor, cfg.rollout.temperature, run.vocab_size, run.tp_group, counts,
-                                        index)
-
-                for chunk in run.ddp:
-                    chunk.zero_grad_buffer()
-                run.optimizer.zero_grad()
-                results = student_pass(run.ddp, mini, share, scale=len(mini) * dp)
-                _, grad_norm, _ = run.optimizer.step()
-                run.scheduler.step(increment=1)
-                local_sums = {}
-                for result in results:
-                    for name, value in result.items():
-                        local_sums[name] = local_sums.get(name, 0.0) + float(value)
-                for name, value in _last_stage_sum(local_sums).items():
-                    totals[name] = totals.get(name, 0.0) + value
-                totals["actor/grad_norm"] = totals.get("actor/grad_norm", 0.0) + float(grad_norm or 0.0)
-                updates += 1
-        metrics = {name: value / updates for name, value in totals.items()}
+        minis = [slice(m * per_mini, (m + 1) * per_mini) for m in range(run.mini_batches_per_step)]
+        updates = [self._optimizer_step(micro[part], teacher[part], dp)
+                   for _ in range(cfg.actor.ppo_epochs) for part in minis]
+        metrics = {name: sum(u[name] for u in updates) / len(updates) for name in updates[0]}
         metrics["actor/lr"] = run.optimizer.param_groups[0]["lr"]
         return metrics, teacher_s
 

@@ -43,7 +43,8 @@ def check_layout_and_vocab(cfg: OPDConfig, world_size: int):
         if teacher.vocab_size != student.vocab_size or not same_tokens:
             raise ConfigError(
                 f"teacher.path={cfg.teacher.path} (vocab {teacher.vocab_size}) and student.path={cfg.student.path} "
-                f"(vocab {student.vocab_size}) do not share the vocabulary{'' if same_tokens else ' (tokenizers differ)'};"
+                f"(vocab {student.vocab_size}) do not share the vocabulary"
+                f"{'' if same_tokens else ' (tokenizers differ)'};"
                 f" on-policy distillation compares their distributions token by token: use a teacher with the "
                 f"student's tokenizer")
     sequences = cfg.data.train_batch_size * cfg.rollout.n
@@ -65,7 +66,8 @@ class Run:
         world = dist.get_world_size()
         self.arch, _ = check_layout_and_vocab(cfg, world)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.student.path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.dataset = PromptDataset.from_config(cfg.data, self.tokenizer, "train")
         self.val_dataset = PromptDataset.from_config(cfg.data, self.tokenizer, "val") if cfg.data.val_files else None
         self.sampler = PromptSampler(len(self.dataset), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
@@ -76,7 +78,8 @@ class Run:
         _, self.student = load_pretrained(cfg.student.path, cfg.parallel, cfg.student.dtype, cfg.actor.recompute)
         self.teacher = (load_pretrained(cfg.teacher.path, cfg.parallel, cfg.teacher.dtype)[1]
                         if cfg.trainer.mode == "distill" else None)
-        self.mini_batches_per_step = cfg.data.train_batch_size // (cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size)
+        mini_batch = cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size
+        self.mini_batches_per_step = cfg.data.train_batch_size // mini_batch
         total_updates = cfg.trainer.total_steps * cfg.actor.ppo_epochs * self.mini_batches_per_step
         self.ddp, self.optimizer, self.scheduler = wrap_and_build_optimizer(
             self.student, cfg.actor, total_updates, parallel_state.get_data_parallel_world_size())
