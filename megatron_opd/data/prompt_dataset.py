@@ -60,7 +60,7 @@ class PromptDataset:
             raise DataConfigError(f"data.{key} is not set; list the {split} files there")
         return cls(files, tokenizer, max_prompt_length=config.max_prompt_length, truncation=config.truncation,
                    filter_overlong_prompts=config.filter_overlong_prompts, prompt_key=config.prompt_key,
-                   response_key=config.response_key)
+                   response_key=config.response_key if split == "train" else None)
 
     @property
     def num_filtered(self) -> int:
