@@ -1,0 +1,166 @@
+"""The main job on the embedded default: on-policy distillation on CPU in minutes, with its baseline.
+
+  1. teacher: SFT of a 4-layer model on the synthetic arithmetic task's worked answers;
+  2. student: brief SFT of a 2-layer model, so it starts weak;
+  3. on-policy: the student distilled from the teacher on its own samples (opd-train, embedded engine);
+  4. off-policy baseline: the same weak student SFT'd on teacher samples holding as many tokens as the
+     teacher scored in step 3 (opd-generate, then opd-train trainer.mode=sft);
+  5. report: held-out accuracy (greedy) and KL(student || teacher) on the student's own samples for each,
+     a table, a JSON summary and a plot of accuracy and KL against steps.
+
+Every stage goes through the project's CLIs and keeps its outputs under --out, so a stage can be re-run
+alone (`--stages onpolicy,report`); a stage whose output exists is skipped unless --force.
+
+Run: .venv/bin/python -m megatron_opd.demo.opd_demo [--out runs/demo] [--seed 0]
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+STAGES = ("data", "teacher", "student", "onpolicy", "offpolicy", "report")
+TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
+STUDENT = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3)
+DIFFICULTY = 1
+BATCH = 16  # prompts per step
+SAMPLES = 2  # on-policy samples per prompt
+RESPONSE_TOKENS = 24
+# On-policy and off-policy students train with the same optimizer settings.
+DISTILL_OPTIM = ["actor.optim.lr=1e-3", "actor.optim.lr_decay=cosine", "actor.optim.min_lr=1e-4"]
+SFT_COMMON = ["trainer.mode=sft", "data.response_key=extra_info.answer", "actor.optim.lr_decay=cosine",
+              "actor.optim.warmup_steps=20", "actor.optim.min_lr=1e-4"]
+
+
+def cli(module: str, *overrides: str) -> str:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", module, *overrides], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{module} failed:\n{done.stderr[-4000:]}")
+    print(f"    {module.split('.')[-1]} done in {time.perf_counter() - started:.0f}s", flush=True)
+    return done.stdout
+
+
+class Demo:
+    def __init__(self, out: str, seed: int, teacher_steps: int, student_steps: int, distill_steps: int):
+        self.out, self.seed = out, seed
+        self.teacher_steps, self.student_steps, self.distill_steps = teacher_steps, student_steps, distill_steps
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def data(self) -> None:
+        from megatron_opd.data.synthetic import synthetic_rows, write_synthetic_parquet
+        from megatron_opd.models.tiny import train_tokenizer, write_tiny_checkpoint
+
+        os.makedirs(self.path("data"), exist_ok=True)
+        rows = list(synthetic_rows(2000, DIFFICULTY, seed=self.seed))
+        tokenizer = train_tokenizer([r["prompt"][0]["content"] + " " + r["extra_info"]["answer"] for r in rows], 400)
+        write_synthetic_parquet(self.path("data", "train.parquet"), 20000, DIFFICULTY, seed=self.seed)
+        write_synthetic_parquet(self.path("data", "test.parquet"), 128, DIFFICULTY, seed=self.seed + 1000,
+                                split="test")
+        write_tiny_checkpoint(self.path("init", "teacher"), "qwen2", seed=self.seed, tokenizer=tokenizer, **TEACHER)
+        write_tiny_checkpoint(self.path("init", "student"), "qwen2", seed=self.seed + 1, tokenizer=tokenizer, **STUDENT)
+
+    def common(self, save_dir: str) -> list[str]:
+        return [f"data.train_files={self.path('data', 'train.parquet')}", f"data.val_files={self.path('data', 'test.parquet')}",
+                f"data.seed={self.seed}", f"trainer.seed={self.seed}", f"trainer.save_dir={save_dir}",
+                "trainer.logger=[jsonl]", "data.max_prompt_length=64", f"rollout.response_length={RESPONSE_TOKENS}"]
+
+    def teacher(self) -> None:
+        cli("megatron_opd.train", *SFT_COMMON, *self.common(self.path("teacher")), f"student.path={self.path('init', 'teacher')}",
+            "data.train_batch_size=32", "actor.micro_batch_size=32", "actor.optim.lr=3e-3",
+            f"trainer.total_steps={self.teacher_steps}")
+
+    def student(self) -> None:
+        cli("megatron_opd.train", *SFT_COMMON, *self.common(self.path("student")), f"student.path={self.path('init', 'student')}",
+            "data.train_batch_size=32", "actor.micro_batch_size=32", "actor.optim.lr=3e-3",
+            f"trainer.total_steps={self.student_steps}")
+
+    def onpolicy(self) -> None:
+        cli("megatron_opd.train", *self.common(self.path("onpolicy")), f"student.path={self.path('student', 'hf')}",
+            f"teacher.path={self.path('teacher', 'hf')}", f"data.train_batch_size={BATCH}", f"rollout.n={SAMPLES}",
+            "rollout.temperature=1.0", "actor.kl_loss_type=reverse", *DISTILL_OPTIM,
+            f"actor.micro_batch_size={BATCH * SAMPLES}", f"trainer.total_steps={self.distill_steps}",
+            f"trainer.test_freq={max(1, self.distill_steps // 5)}")
+
+    def onpolicy_budget(self) -> tuple[int, int]:
+        """(teacher-scored tokens, sequences) of the on-policy run."""
+        steps = [json.loads(line) for line in open(self.path("onpolicy", "metrics.jsonl")) if '"actor/kl_loss"' in line]
+        return int(sum(s["response_length/mean"] * BATCH * SAMPLES for s in steps)), len(steps) * BATCH * SAMPLES
+
+    def offpolicy(self) -> None:
+        budget, sequences = self.onpolicy_budget()
+        samples_path = self.path("offpolicy", "teacher_samples.jsonl")
+        # Teacher samples on the training prompts (temperature 1, like the on-policy rollouts), then SFT on as
+        # many of them as hold the on-policy run's teacher-scored tokens. Teacher answers are about as long
+        # as the student's: a quarter more prompts than on-policy sequences covers the budget.
+        prompts = sequences * 5 // 4 // SAMPLES
+        cli("megatron_opd.generate", f"model.path={self.path('teacher', 'hf')}",
+            f"data.val_files={self.path('data', 'train.parquet')}", f"max_prompts={prompts}", "do_sample=true",
+            "rollout.temperature=1.0", f"rollout.n={SAMPLES}", f"rollout.response_length={RESPONSE_TOKENS}",
+            "data.max_prompt_length=64", f"output={samples_path}")
+        kept_path, kept = self._samples_within(samples_path, budget)
+        # As many sequences per step as the on-policy run trained on, so the step counts line up too.
+        steps = max(1, kept // (BATCH * SAMPLES))
+        cli("megatron_opd.train", "trainer.mode=sft", "data.response_key=response", *self.common(self.path("offpolicy")),
+            f"data.train_files={kept_path}", f"student.path={self.path('student', 'hf')}",
+            f"data.train_batch_size={BATCH * SAMPLES}", f"actor.micro_batch_size={BATCH * SAMPLES}",
+            *DISTILL_OPTIM, "data.shuffle=false", f"trainer.total_steps={steps}",
+            f"trainer.test_freq={max(1, steps // 5)}")
+
+    def _samples_within(self, samples_path: str, budget: int) -> tuple[str, int]:
+        """The first teacher samples whose tokens (+ end of sequence) fit the budget, as a file of their own."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.path("teacher", "hf"))
+        kept, tokens = [], 0
+        for line in open(samples_path):
+            tokens += len(tokenizer(json.loads(line)["response"], add_special_tokens=False)["input_ids"]) + 1
+            if tokens > budget:
+                break
+            kept.append(line)
+        path = self.path("offpolicy", "teacher_samples_budget.jsonl")
+        with open(path, "w") as f:
+            f.writelines(kept)
+        return path, len(kept)
+
+    def report(self) -> dict:
+        from megatron_opd.demo.report import measure_and_report
+
+        return measure_and_report(self)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--force", action="store_true", help="re-run stages whose outputs exist")
+    parser.add_argument("--teacher-steps", type=int, default=800)
+    parser.add_argument("--student-steps", type=int, default=150)
+    parser.add_argument("--distill-steps", type=int, default=1000)
+    args = parser.parse_args(argv)
+    demo = Demo(args.out, args.seed, args.teacher_steps, args.student_steps, args.distill_steps)
+    outputs = {"data": demo.path("init", "student"), "teacher": demo.path("teacher", "hf"),
+               "student": demo.path("student", "hf"), "onpolicy": demo.path("onpolicy", "hf"),
+               "offpolicy": demo.path("offpolicy", "hf"), "report": None}
+    started = time.perf_counter()
+    for stage in args.stages.split(","):
+        if stage not in STAGES:
+            raise SystemExit(f"--stages: unknown stage {stage!r}; choose from {','.join(STAGES)}")
+        done = outputs[stage] and os.path.exists(outputs[stage])
+        if done and not args.force:
+            print(f"[{stage}] exists, skipped ({outputs[stage]})", flush=True)
+            continue
+        if stage != "data" and stage != "report":
+            shutil.rmtree(demo.path(stage), ignore_errors=True)
+        print(f"[{stage}]", flush=True)
+        getattr(demo, stage)()
+    print(f"demo finished in {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
