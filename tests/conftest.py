@@ -80,3 +80,25 @@ def distill_overrides(setup, save_dir, *extra):
             "data.max_prompt_length=128", "rollout.response_length=16", "rollout.n=2", "actor.micro_batch_size=2",
             "actor.optim.lr=1e-3", "trainer.total_steps=4", f"trainer.save_dir={save_dir}", "trainer.logger=[jsonl]",
             *extra]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node SLURM cluster on this machine (tests/launch/local_slurm.py): slurm-wlm and munge are
+    installed with apt when missing (root), then a private munged, slurmctld and slurmd are started."""
+    from tests.launch.local_slurm import LocalSlurm, SlurmSetupError, install_if_missing
+
+    cluster = None
+    try:
+        install_s = install_if_missing()
+        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+        cluster.install_s = install_s
+        cluster.start()
+    except SlurmSetupError as err:
+        if cluster is not None:
+            cluster.stop()
+        pytest.fail(f"local SLURM cluster: {err}", pytrace=False)
+    installed = "already installed" if install_s is None else f"apt-get install {install_s:.0f} s"
+    print(f"local SLURM cluster: {installed}, started in {cluster.start_s:.1f} s ({cluster.conf})")
+    yield cluster
+    cluster.stop()

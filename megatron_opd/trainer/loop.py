@@ -16,6 +16,7 @@ from megatron_opd.trainer.batch import build_batch
 from megatron_opd.trainer.config import OPDConfig
 from megatron_opd.trainer.objective import sft_loss, student_loss, teacher_outputs
 from megatron_opd.trainer.pipeline import student_pass, teacher_pass
+from megatron_opd.trainer.preemption import Preemption
 from megatron_opd.trainer.setup import Run
 
 TIMINGS = ("gen", "teacher", "update_actor", "sync", "step")
@@ -120,6 +121,7 @@ class Trainer:
     def train(self) -> list[dict]:
         cfg, run = self.cfg, self.run
         history = []
+        preemption = Preemption()
         step = run.start_step
         run.sync_engine(step)
         if cfg.trainer.test_freq and step == 0:
@@ -145,12 +147,18 @@ class Trainer:
             metrics["perf/tokens_per_s"] = int(batch.loss_mask.numel()) / step_s
             if cfg.trainer.test_freq and step % cfg.trainer.test_freq == 0:
                 metrics.update(self.validate())
-            if (cfg.trainer.save_freq and step % cfg.trainer.save_freq == 0) or step == cfg.trainer.total_steps:
-                checkpoint.save(cfg.trainer.save_dir, step, run.ddp, run.optimizer, run.scheduler,
-                                {"sampler": run.sampler.state_dict()})
+            stopping = step < cfg.trainer.total_steps and preemption.requested()  # collective
+            if (cfg.trainer.save_freq and step % cfg.trainer.save_freq == 0) or step == cfg.trainer.total_steps \
+                    or stopping:
+                saved = checkpoint.save(cfg.trainer.save_dir, step, run.ddp, run.optimizer, run.scheduler,
+                                        {"sampler": run.sampler.state_dict()})
             run.log(step, metrics)
             history.append({"step": step, **metrics})
-        if cfg.trainer.export_hf:
+            if stopping:  # after the step's metrics line: the resumed run starts at the next step
+                preemption.saved(step, saved)
+                break
+        if cfg.trainer.export_hf and step == cfg.trainer.total_steps:
             run.export_hf(os.path.join(cfg.trainer.save_dir, "hf"))
         run.close()
+        preemption.close()
         return history

@@ -1,0 +1,211 @@
+"""A real one-node SLURM cluster on the test machine: Debian's slurm-wlm and munge (installed with apt when
+missing), a private munge daemon and key, a slurm.conf describing this machine, slurmctld and slurmd on
+free ports. Nothing of the machine's own SLURM or munge (if any) is used or touched.
+
+The set-up needs root (slurmd runs jobs as their user) and, when the packages are missing, Debian's
+repositories. It fails with a message saying what is missing instead of skipping.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+PACKAGES = ("slurm-wlm", "munge")
+# Where Debian puts them; root's PATH has /usr/sbin, a CI runner's may not.
+SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "scancel")
+START_TIMEOUT_S = 60
+
+
+class SlurmSetupError(RuntimeError):
+    pass
+
+
+def _which(program: str) -> Optional[str]:
+    return shutil.which(program, path=SEARCH_PATH)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no file)"
+
+
+def install_if_missing() -> Optional[float]:
+    """apt-get install the packages when a program is missing; returns the seconds it took (None: present)."""
+    if all(_which(p) for p in PROGRAMS):
+        return None
+    missing = [p for p in PROGRAMS if not _which(p)]
+    if os.geteuid() != 0:
+        raise SlurmSetupError(f"SLURM programs {missing} are missing and the tests are not root, so they cannot "
+                              f"install them: run `apt-get install -y {' '.join(PACKAGES)}` as root")
+    if not _which("apt-get"):
+        raise SlurmSetupError(f"SLURM programs {missing} are missing and there is no apt-get to install "
+                              f"{' '.join(PACKAGES)} (the SLURM tests expect a Debian-like machine)")
+    started = time.monotonic()
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command, timeout in ((["apt-get", "update", "-q"], 600),
+                             (["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES], 900)):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        if done.returncode:
+            raise SlurmSetupError(f"`{' '.join(command)}` failed with exit code {done.returncode}:\n"
+                                  f"{(done.stdout + done.stderr)[-3000:]}")
+    still = [p for p in PROGRAMS if not _which(p)]
+    if still:
+        raise SlurmSetupError(f"installed {' '.join(PACKAGES)}, but {still} are still not found on {SEARCH_PATH}")
+    return time.monotonic() - started
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _memory_mb() -> int:
+    with open("/proc/meminfo") as f:
+        total_kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    return max(512, total_kb // 1024 // 2)
+
+
+class LocalSlurm:
+    """start() / stop(); env() is the environment for sbatch & co. (SLURM_CONF points at this cluster)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        # A unix socket path must stay under ~108 bytes, whatever the test's temp directory is.
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="opd-munge-", dir="/tmp"))
+        self.conf = self.root / "slurm.conf"
+        self.host = socket.gethostname().split(".")[0]
+        self.job_env: dict[str, str] = {}
+        self.start_s: Optional[float] = None
+        self.install_s: Optional[float] = None
+
+    @staticmethod
+    def program(name: str) -> str:
+        return _which(name) or name
+
+    def env(self, **extra: str) -> dict:
+        """The submitting environment: this cluster's config, and no SLURM variables of an outer job."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+        return {**env, "SLURM_CONF": str(self.conf), **self.job_env, **extra}
+
+    def _run(self, *command: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run([_which(command[0]) or command[0], *command[1:]], env=self.env(),
+                              capture_output=True, text=True, timeout=timeout)
+        if check and done.returncode:
+            raise SlurmSetupError(f"`{' '.join(command)}` failed ({done.returncode}): {done.stdout}{done.stderr}\n"
+                                  f"{self.logs()}")
+        return done
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name} (last lines)\n{_tail(self.root / name)}"
+                         for name in ("slurmctld.log", "slurmd.log")) + \
+            f"\n--- munged.log\n{_tail(self.munge_dir / 'munged.log')}"
+
+    def _write_conf(self) -> None:
+        for sub in ("state", "spool"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        r = self.root
+        self.conf.write_text("\n".join([
+            "ClusterName=opdtest",
+            # The address in brackets spares slurm a DNS lookup of this machine.
+            f"SlurmctldHost={self.host}(127.0.0.1)",
+            "SlurmUser=root", "SlurmdUser=root",
+            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+            "AuthType=auth/munge", "CredType=cred/munge",
+            # cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
+            f"AuthInfo=socket={self.munge_dir / 'munge.sock'},cred_expire=5",
+            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
+            f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={r / 'slurmd.log'}",
+            # No cgroups: they are often unavailable in containers and not needed here.
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
+            "MpiDefault=none", "ReturnToService=2", "JobRequeue=1",
+            "SchedulerType=sched/backfill", "SchedulerParameters=sched_interval=1,bf_interval=1",
+            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none", "MailProg=/bin/true",
+            "SlurmctldTimeout=30", "SlurmdTimeout=30", "InactiveLimit=0",
+            # The SIGTERM-to-SIGKILL window in which a trainer ended by SLURM saves its checkpoint (the default).
+            "KillWait=30",
+            # Finished jobs stay visible to scontrol for the tests' checks.
+            "MinJobAge=600",
+            # Trust this file over slurmd's hardware probe (a container's CPU count may differ).
+            "SlurmdParameters=config_overrides",
+            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={_memory_mb()} "
+            f"State=UNKNOWN",
+            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+        ]) + "\n")
+
+    def start(self) -> None:
+        started = time.monotonic()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.munge_dir.chmod(0o700)
+        key = self.munge_dir / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        m = self.munge_dir
+        # --force: munged refuses to run as root otherwise.
+        self._run("munged", "--force", f"--socket={m / 'munge.sock'}", f"--key-file={key}",
+                  f"--pid-file={m / 'munged.pid'}", f"--log-file={m / 'munged.log'}",
+                  f"--seed-file={m / 'munged.seed'}")
+        self._write_conf()
+        try:
+            socket.gethostbyname(self.host)
+        except OSError:  # torchrun's rendezvous would look the first node's name up
+            self.job_env["OPD_MASTER_ADDR"] = "127.0.0.1"
+        self._run("slurmctld", "-c")
+        self._run("slurmd")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        state = ""
+        while time.monotonic() < deadline:
+            state = self._run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
+            if state == "idle":
+                self.start_s = time.monotonic() - started
+                return
+            time.sleep(0.2)
+        raise SlurmSetupError(f"the node is not idle after {START_TIMEOUT_S} s (sinfo says {state!r})\n"
+                              f"{self.logs()}")
+
+    def stop(self) -> None:
+        if self.conf.exists():
+            self._run("scancel", "--user=root", check=False)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self._run("squeue", "-h", check=False).stdout.strip():
+                time.sleep(0.5)
+        _kill_from_pid_files([self.root / "slurmd.pid", self.root / "slurmctld.pid", self.munge_dir / "munged.pid"])
+        shutil.rmtree(self.munge_dir, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a daemon's parent, init in a container, may be slow to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _kill_from_pid_files(pid_files: list[Path], timeout_s: float = 15) -> None:
+    """SIGTERM to each daemon at once, SIGKILL to those still there after timeout_s."""
+    pids = []
+    for pid_file in pid_files:
+        try:
+            pid = int(pid_file.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+        except (OSError, ValueError):
+            pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
