@@ -60,6 +60,18 @@ def sglang_engine(tiny_models, tmp_path_factory):
     engine.stop()
 
 
+@pytest.fixture
+def sglang_student(sglang_engine, tiny_models):
+    """The shared server, serving the tiny Qwen2 student's own weights again (tests before may have pushed
+    others), through the colocated route."""
+    from safetensors.torch import load_file
+
+    original = load_file(os.path.join(tiny_models["qwen2"], "model.safetensors"))
+    sglang_engine.config.weight_sync = "tensor"
+    sglang_engine.update_weights(original.items(), sglang_engine.weight_version + 1)
+    return sglang_engine
+
+
 @pytest.fixture(scope="session")
 def distill_setup(tmp_path_factory, tiny_tokenizer):
     """A tiny student and a different teacher (same tokenizer) and synthetic-task parquet files."""

@@ -19,8 +19,8 @@ def _sequences(samples):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_sampled_logprobs_equal_megatron_student(sglang_engine, tiny_models, tp):
-    samples = sglang_engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=1.0, n=2, seed=3))
+def test_sampled_logprobs_equal_megatron_student(sglang_student, tiny_models, tp):
+    samples = sglang_student.generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=1.0, n=2, seed=3))
     assert len(samples) == 6 and all(len(s.response_ids) > 0 for s in samples)
     reference, _ = megatron_run(tiny_models["qwen2"], _sequences(samples), ParallelConfig(tensor=tp))
     for sample, ref in zip(samples, reference):
@@ -28,9 +28,9 @@ def test_sampled_logprobs_equal_megatron_student(sglang_engine, tiny_models, tp)
         assert max(abs(a - b) for a, b in zip(sample.logprobs, response_ref)) <= 1e-4
 
 
-def test_teacher_scoring_equals_megatron(sglang_engine, tiny_models):
+def test_teacher_scoring_equals_megatron(sglang_student, tiny_models):
     sequences = [p + [11, 12, 13, 14] for p in PROMPTS]
-    scored = sglang_engine.score(sequences, top_k=3)
+    scored = sglang_student.score(sequences, top_k=3)
     reference, _ = megatron_run(tiny_models["qwen2"], sequences, ParallelConfig(tensor=2))
     for result, ref, seq in zip(scored, reference, sequences):
         assert len(result.token_logprobs) == len(seq) - 1

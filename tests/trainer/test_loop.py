@@ -84,6 +84,7 @@ def test_sglang_engine_drives_the_loop(distill_setup, tmp_path, tp1_history):
     from tests.conftest import SGLANG_STUB
 
     history = train(distill_setup, tmp_path, "rollout.engine=sglang", f"rollout.sglang.pythonpath=[{SGLANG_STUB}]",
-                    "rollout.sglang.dtype=float32", "rollout.sglang.max_total_tokens=4096", "trainer.total_steps=3")
+                    "rollout.sglang.dtype=float32", "rollout.sglang.max_total_tokens=4096", "trainer.total_steps=6")
     curve = kl_curve(history)
-    assert curve[-1] < curve[0]
+    # SGLang samples with its own RNG, so its curve is its own: compare its ends, not single steps.
+    assert sum(curve[-2:]) < sum(curve[:2])
