@@ -2,8 +2,6 @@
 Megatron student's, weight syncs by all three routes make it serve the new weights, teacher scoring equals
 the Megatron teacher, and a killed server is restarted with the current weights mid-batch."""
 import os
-import threading
-import time
 
 import pytest
 
@@ -54,16 +52,23 @@ def test_weight_sync_serves_the_new_weights(sglang_engine, tiny_models, route):
     assert sglang_engine.weight_version == sample.weight_version == version
 
 
-def test_killed_server_is_restarted_with_the_current_weights(sglang_engine, tiny_models):
+def test_killed_server_is_restarted_with_the_current_weights(sglang_engine, tiny_models, monkeypatch):
     sequences = [p + [11, 12, 13] for p in PROMPTS]
     current, tensors = megatron_run(tiny_models["qwen2"], sequences, ParallelConfig(), change_seed=7)
     sglang_engine.config.weight_sync = "tensor"
     sglang_engine.update_weights(tensors.items(), sglang_engine.weight_version + 1)
-    restarts = sglang_engine.restarts
-    killer = threading.Thread(target=lambda: (time.sleep(1.0), os.killpg(sglang_engine.server.process.pid, 9)))
-    killer.start()
-    samples = sglang_engine.generate(PROMPTS * 4, SamplingParams(max_new_tokens=200, temperature=1.0))
-    killer.join()
+    restarts, requests_sent, send = sglang_engine.restarts, [], sglang_engine._post
+
+    def send_then_kill(body):
+        # SIGKILL the server once the batch is under way: requests in flight and after meet a dead server.
+        requests_sent.append(body)
+        if len(requests_sent) == 3:
+            os.killpg(sglang_engine.server.process.pid, 9)
+            sglang_engine.server.process.wait()
+        return send(body)
+
+    monkeypatch.setattr(sglang_engine, "_post", send_then_kill)
+    samples = sglang_engine.generate(PROMPTS * 4, SamplingParams(max_new_tokens=50, temperature=1.0))
     assert sglang_engine.restarts == restarts + 1
     assert len(samples) == 12 and all(s.weight_version == sglang_engine.weight_version for s in samples)
     for result, ref in zip(sglang_engine.score(sequences), current):
