@@ -80,11 +80,13 @@ def test_sinks_write_their_files(tp1_history, distill_setup, tmp_path):
     assert os.path.isfile(tmp_path / "hf" / "model.safetensors") and os.path.isfile(tmp_path / "hf" / "config.json")
 
 
-def test_sglang_engine_drives_the_loop(distill_setup, tmp_path, tp1_history):
+@pytest.mark.parametrize("layout, world", [("parallel.tensor=1", 1), ("parallel.tensor=2", 2)], ids=["tp1", "tp2"])
+def test_sglang_engine_drives_the_loop(distill_setup, tmp_path, layout, world):
     from tests.conftest import SGLANG_STUB
 
     history = train(distill_setup, tmp_path, "rollout.engine=sglang", f"rollout.sglang.pythonpath=[{SGLANG_STUB}]",
-                    "rollout.sglang.dtype=float32", "rollout.sglang.max_total_tokens=4096", "trainer.total_steps=6")
+                    "rollout.sglang.dtype=float32", "rollout.sglang.max_total_tokens=4096", "trainer.total_steps=6",
+                    layout, world_size=world)
     curve = kl_curve(history)
     # SGLang samples with its own RNG, so its curve is its own: compare its ends, not single steps.
     assert sum(curve[-2:]) < sum(curve[:2])
