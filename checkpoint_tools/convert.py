@@ -35,9 +35,13 @@ def single_process_model_parallel():
             destroy()
 
 
-def _start_output(out_dir: str) -> str:
+def _refuse_existing(out_dir: str) -> None:
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir}: output directory already exists; remove it or choose another --out")
+
+
+def _start_output(out_dir: str) -> str:
+    _refuse_existing(out_dir)
     tmp_dir = f"{out_dir}.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
@@ -82,8 +86,7 @@ def _write_generation_config(src_dir: str, dst_dir: str) -> None:
 def mcore_to_hf(mcore_dir: str, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
     info = read_marker(mcore_dir)
     arch = load_arch(mcore_dir)
-    if os.path.exists(out_dir):
-        raise FileExistsError(f"{out_dir}: output directory already exists; remove it or choose another --out")
+    _refuse_existing(out_dir)
     with single_process_model_parallel():
         chunks = build_model(arch, ParallelConfig(), dtype=info.get("dtype", "float32"), init_weights=False)
         load_model(chunks, os.path.join(mcore_dir, MODEL_SUBDIR))

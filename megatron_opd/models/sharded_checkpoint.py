@@ -27,16 +27,20 @@ def _barrier():
         dist.barrier()
 
 
+def use_forked_writer_queue() -> None:
+    """megatron's torch_dist writer reports through a multiprocessing Manager made on first use; its default
+    spawn context starts a fresh interpreter that imports torch (~3 s, ~0.7 GB). A forked one is immediate."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+
+    get_write_results_queue(mp_mode="fork")
+
+
 def save_model(chunks, ckpt_dir: str) -> None:
     """Collective. Writes to `<ckpt_dir>.tmp` and renames at the end: an interrupted save leaves
     no half-written `ckpt_dir` (and an existing one is replaced only once the new one is complete)."""
     from megatron.core import dist_checkpointing
 
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
-
-    # The writer reports through a multiprocessing Manager made on first use; megatron's default spawn
-    # context starts a fresh interpreter that imports torch (~3 s, ~0.7 GB). A forked one is immediate.
-    get_write_results_queue(mp_mode="fork")
+    use_forked_writer_queue()
     tmp_dir, old_dir = f"{ckpt_dir}.tmp", f"{ckpt_dir}.old"
     rank0 = _global_rank() == 0
     if rank0:

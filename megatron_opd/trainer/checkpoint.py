@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_opd.models.sharded_checkpoint import use_forked_writer_queue
+
 LATEST = "latest"
 
 
@@ -46,9 +48,7 @@ def set_rng_state(state: dict) -> None:
 def save(save_dir: str, step: int, ddp_chunks, optimizer, scheduler, extra: dict) -> str:
     """Collective."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
-
-    get_write_results_queue(mp_mode="fork")  # see models/sharded_checkpoint.py
+    use_forked_writer_queue()
     final = os.path.join(save_dir, f"step_{step:06d}")
     tmp = final + ".tmp"
     if _rank() == 0:
