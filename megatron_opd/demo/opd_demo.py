@@ -1,15 +1,16 @@
 """The main job on the embedded default: on-policy distillation on CPU in minutes, with its baseline.
 
-  1. teacher: SFT of a 4-layer model on the synthetic arithmetic task's worked answers;
-  2. student: brief SFT of a 2-layer model, so it starts weak;
+  1. teacher: SFT of a 4-layer model on the synthetic task's worked answers (two-step sums, held-out test);
+  2. student: brief SFT of a 3-layer model, so it starts weak;
   3. on-policy: the student distilled from the teacher on its own samples (opd-train, embedded engine);
-  4. off-policy baseline: the same weak student SFT'd on teacher samples holding as many tokens as the
-     teacher scored in step 3 (opd-generate, then opd-train trainer.mode=sft);
+  4. off-policy baseline: the same weak student SFT'd on teacher samples (opd-generate) holding as many
+     tokens as the teacher scored in step 3 (opd-train trainer.mode=sft);
   5. report: held-out accuracy (greedy) and KL(student || teacher) on the student's own samples for each,
      a table, a JSON summary and a plot of accuracy and KL against steps.
 
 Every stage goes through the project's CLIs and keeps its outputs under --out, so a stage can be re-run
-alone (`--stages onpolicy,report`); a stage whose output exists is skipped unless --force.
+alone (`--stages onpolicy,report`); a stage whose output exists is skipped unless --force. Independent
+stages (teacher and student; on-policy and the teacher's samples) run side by side, a core each.
 
 Run: .venv/bin/python -m megatron_opd.demo.opd_demo [--out runs/demo] [--seed 0]
 """
@@ -19,24 +20,40 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-STAGES = ("data", "teacher", "student", "onpolicy", "offpolicy", "report")
+STAGES = ("data", "teacher", "student", "samples", "onpolicy", "offpolicy", "report")
+NEEDS = {"data": (), "teacher": ("data",), "student": ("data",), "samples": ("teacher",),
+         "onpolicy": ("teacher", "student"), "offpolicy": ("student", "samples", "onpolicy"),
+         "report": ("onpolicy", "offpolicy")}
+LANES = 2  # stages run at once; each subprocess gets cores // LANES threads
 TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
 STUDENT = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3)
-DIFFICULTY = 1
+# Two-step sums of operands up to 10: a test question never appears in training, but its single steps do,
+# so a model that learned to chain them can solve it (and an early slip derails the rest: on-policy's case).
+DIFFICULTY, LARGEST = 2, 10
+TEST_PROBLEMS = 256
 BATCH = 16  # prompts per step
 SAMPLES = 2  # on-policy samples per prompt
-RESPONSE_TOKENS = 24
+RESPONSE_TOKENS = 32
+TEMPERATURE = 0.7  # sampling temperature of the on-policy rollouts and of the teacher's samples alike
+KL = "forward"
 # On-policy and off-policy students train with the same optimizer settings.
-DISTILL_OPTIM = ["actor.optim.lr=1e-3", "actor.optim.lr_decay=cosine", "actor.optim.min_lr=1e-4"]
+DISTILL_OPTIM = ["actor.optim.lr=1e-3", "actor.optim.lr_decay=cosine", "actor.optim.min_lr=1e-4",
+                 "actor.optim.warmup_steps=30"]
 SFT_COMMON = ["trainer.mode=sft", "data.response_key=extra_info.answer", "actor.optim.lr_decay=cosine",
               "actor.optim.warmup_steps=20", "actor.optim.min_lr=1e-4"]
+_threads = threading.local()
 
 
 def cli(module: str, *overrides: str) -> str:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", module, *overrides], capture_output=True, text=True)
+    env = dict(os.environ)
+    if hasattr(_threads, "count"):  # set by run_stages for the stage's lane
+        env["OMP_NUM_THREADS"] = str(_threads.count)
+    done = subprocess.run([sys.executable, "-m", module, *overrides], capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"{module} failed:\n{done.stderr[-4000:]}")
     print(f"    {module.split('.')[-1]} done in {time.perf_counter() - started:.0f}s", flush=True)
@@ -52,61 +69,70 @@ class Demo:
         return os.path.join(self.out, *parts)
 
     def data(self) -> None:
-        from megatron_opd.data.synthetic import synthetic_rows, write_synthetic_parquet
+        from megatron_opd.data import questions, synthetic_rows, write_rows, write_synthetic_parquet
         from megatron_opd.models.tiny import train_tokenizer, write_tiny_checkpoint
 
         os.makedirs(self.path("data"), exist_ok=True)
-        rows = list(synthetic_rows(2000, DIFFICULTY, seed=self.seed))
-        tokenizer = train_tokenizer([r["prompt"][0]["content"] + " " + r["extra_info"]["answer"] for r in rows], 400)
-        write_synthetic_parquet(self.path("data", "train.parquet"), 20000, DIFFICULTY, seed=self.seed)
-        write_synthetic_parquet(self.path("data", "test.parquet"), 128, DIFFICULTY, seed=self.seed + 1000,
-                                split="test")
+        test = list(synthetic_rows(TEST_PROBLEMS, DIFFICULTY, seed=self.seed, split="test", largest=LARGEST))
+        write_rows(self.path("data", "test.parquet"), test)
+        # Held out: no test question is among the training prompts (nor in the tokenizer's corpus).
+        held_out = questions(test)
+        write_synthetic_parquet(self.path("data", "train.parquet"), 20000, DIFFICULTY, seed=self.seed,
+                                exclude=held_out, largest=LARGEST)
+        corpus = synthetic_rows(2000, DIFFICULTY, seed=self.seed, exclude=held_out, largest=LARGEST)
+        tokenizer = train_tokenizer([r["prompt"][0]["content"] + " " + r["extra_info"]["answer"] for r in corpus], 400)
         write_tiny_checkpoint(self.path("init", "teacher"), "qwen2", seed=self.seed, tokenizer=tokenizer, **TEACHER)
         write_tiny_checkpoint(self.path("init", "student"), "qwen2", seed=self.seed + 1, tokenizer=tokenizer, **STUDENT)
 
     def common(self, save_dir: str) -> list[str]:
-        return [f"data.train_files={self.path('data', 'train.parquet')}", f"data.val_files={self.path('data', 'test.parquet')}",
-                f"data.seed={self.seed}", f"trainer.seed={self.seed}", f"trainer.save_dir={save_dir}",
-                "trainer.logger=[jsonl]", "data.max_prompt_length=64", f"rollout.response_length={RESPONSE_TOKENS}"]
+        return [f"data.train_files={self.path('data', 'train.parquet')}",
+                f"data.val_files={self.path('data', 'test.parquet')}", f"data.seed={self.seed}",
+                f"trainer.seed={self.seed}", f"trainer.save_dir={save_dir}", "trainer.logger=[jsonl]",
+                "data.max_prompt_length=64", f"rollout.response_length={RESPONSE_TOKENS}"]
+
+    def _ground_truth_sft(self, name: str, steps: int) -> None:
+        cli("megatron_opd.train", *SFT_COMMON, *self.common(self.path(name)), f"student.path={self.path('init', name)}",
+            "data.train_batch_size=32", "actor.micro_batch_size=32", "actor.optim.lr=3e-3",
+            f"trainer.total_steps={steps}")
 
     def teacher(self) -> None:
-        cli("megatron_opd.train", *SFT_COMMON, *self.common(self.path("teacher")), f"student.path={self.path('init', 'teacher')}",
-            "data.train_batch_size=32", "actor.micro_batch_size=32", "actor.optim.lr=3e-3",
-            f"trainer.total_steps={self.teacher_steps}")
+        self._ground_truth_sft("teacher", self.teacher_steps)
 
     def student(self) -> None:
-        cli("megatron_opd.train", *SFT_COMMON, *self.common(self.path("student")), f"student.path={self.path('init', 'student')}",
-            "data.train_batch_size=32", "actor.micro_batch_size=32", "actor.optim.lr=3e-3",
-            f"trainer.total_steps={self.student_steps}")
+        self._ground_truth_sft("student", self.student_steps)
 
     def onpolicy(self) -> None:
         cli("megatron_opd.train", *self.common(self.path("onpolicy")), f"student.path={self.path('student', 'hf')}",
             f"teacher.path={self.path('teacher', 'hf')}", f"data.train_batch_size={BATCH}", f"rollout.n={SAMPLES}",
-            "rollout.temperature=1.0", "actor.kl_loss_type=reverse", *DISTILL_OPTIM,
+            f"rollout.temperature={TEMPERATURE}", f"actor.kl_loss_type={KL}", *DISTILL_OPTIM,
             f"actor.micro_batch_size={BATCH * SAMPLES}", f"trainer.total_steps={self.distill_steps}",
             f"trainer.test_freq={max(1, self.distill_steps // 5)}")
 
-    def onpolicy_budget(self) -> tuple[int, int]:
-        """(teacher-scored tokens, sequences) of the on-policy run."""
+    def onpolicy_budget(self) -> int:
+        """The teacher-scored tokens of the on-policy run."""
         steps = [json.loads(line) for line in open(self.path("onpolicy", "metrics.jsonl")) if '"actor/kl_loss"' in line]
-        return int(sum(s["response_length/mean"] * BATCH * SAMPLES for s in steps)), len(steps) * BATCH * SAMPLES
+        return int(sum(s["response_length/mean"] * BATCH * SAMPLES for s in steps))
+
+    def samples(self) -> None:
+        """Teacher samples on the training prompts, a quarter more than on-policy will score: teacher answers
+        are about as long as the student's, so the off-policy stage can cut them to the measured budget."""
+        os.makedirs(self.path("samples"), exist_ok=True)
+        cli("megatron_opd.generate", f"model.path={self.path('teacher', 'hf')}",
+            f"data.val_files={self.path('data', 'train.parquet')}",
+            f"max_prompts={self.distill_steps * BATCH * 5 // 4}", "do_sample=true", f"rollout.n={SAMPLES}",
+            f"rollout.temperature={TEMPERATURE}", f"rollout.response_length={RESPONSE_TOKENS}",
+            "data.max_prompt_length=64",
+            f"output={self.path('samples', 'teacher_samples.jsonl')}")
 
     def offpolicy(self) -> None:
-        budget, sequences = self.onpolicy_budget()
-        samples_path = self.path("offpolicy", "teacher_samples.jsonl")
-        # Teacher samples on the training prompts (temperature 1, like the on-policy rollouts), then SFT on as
-        # many of them as hold the on-policy run's teacher-scored tokens. Teacher answers are about as long
-        # as the student's: a quarter more prompts than on-policy sequences covers the budget.
-        prompts = sequences * 5 // 4 // SAMPLES
-        cli("megatron_opd.generate", f"model.path={self.path('teacher', 'hf')}",
-            f"data.val_files={self.path('data', 'train.parquet')}", f"max_prompts={prompts}", "do_sample=true",
-            "rollout.temperature=1.0", f"rollout.n={SAMPLES}", f"rollout.response_length={RESPONSE_TOKENS}",
-            "data.max_prompt_length=64", f"output={samples_path}")
-        kept_path, kept = self._samples_within(samples_path, budget)
+        budget = self.onpolicy_budget()
+        os.makedirs(self.path("offpolicy"), exist_ok=True)
+        kept_path, kept = self._samples_within(self.path("samples", "teacher_samples.jsonl"), budget)
         # As many sequences per step as the on-policy run trained on, so the step counts line up too.
         steps = max(1, kept // (BATCH * SAMPLES))
-        cli("megatron_opd.train", "trainer.mode=sft", "data.response_key=response", *self.common(self.path("offpolicy")),
-            f"data.train_files={kept_path}", f"student.path={self.path('student', 'hf')}",
+        cli("megatron_opd.train", "trainer.mode=sft", "data.response_key=response",
+            *self.common(self.path("offpolicy")), f"data.train_files={kept_path}",
+            f"student.path={self.path('student', 'hf')}",
             f"data.train_batch_size={BATCH * SAMPLES}", f"actor.micro_batch_size={BATCH * SAMPLES}",
             *DISTILL_OPTIM, "data.shuffle=false", f"trainer.total_steps={steps}",
             f"trainer.test_freq={max(1, steps // 5)}")
@@ -133,6 +159,36 @@ class Demo:
         return measure_and_report(self)
 
 
+def run_stages(demo: "Demo", stages: list[str], outputs: dict, force: bool) -> None:
+    """Runs the chosen stages, each once the chosen stages it needs are done, LANES at a time."""
+    pending = []
+    for stage in stages:
+        if outputs[stage] and os.path.exists(outputs[stage]) and not force:
+            print(f"[{stage}] exists, skipped ({outputs[stage]})", flush=True)
+        else:
+            pending.append(stage)
+
+    def run(stage: str, threads: int) -> None:
+        _threads.count = threads
+        if stage not in ("data", "report"):
+            shutil.rmtree(demo.path(stage), ignore_errors=True)
+        print(f"[{stage}]", flush=True)
+        getattr(demo, stage)()
+
+    running = {}
+    with ThreadPoolExecutor(LANES) as pool:
+        while pending or running:
+            ready = [s for s in pending if not any(n in pending or n in running.values() for n in NEEDS[s])]
+            for stage in ready[:LANES - len(running)]:
+                pending.remove(stage)
+                threads = max(1, (os.cpu_count() or 1) // (LANES if len(ready) > 1 or running else 1))
+                running[pool.submit(run, stage, threads)] = stage
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                running.pop(future)
+                future.result()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo")
@@ -140,25 +196,19 @@ def main(argv=None):
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--force", action="store_true", help="re-run stages whose outputs exist")
     parser.add_argument("--teacher-steps", type=int, default=800)
-    parser.add_argument("--student-steps", type=int, default=150)
-    parser.add_argument("--distill-steps", type=int, default=1000)
+    parser.add_argument("--student-steps", type=int, default=300)
+    parser.add_argument("--distill-steps", type=int, default=500)
     args = parser.parse_args(argv)
     demo = Demo(args.out, args.seed, args.teacher_steps, args.student_steps, args.distill_steps)
     outputs = {"data": demo.path("init", "student"), "teacher": demo.path("teacher", "hf"),
-               "student": demo.path("student", "hf"), "onpolicy": demo.path("onpolicy", "hf"),
-               "offpolicy": demo.path("offpolicy", "hf"), "report": None}
-    started = time.perf_counter()
-    for stage in args.stages.split(","):
+               "student": demo.path("student", "hf"), "samples": demo.path("samples", "teacher_samples.jsonl"),
+               "onpolicy": demo.path("onpolicy", "hf"), "offpolicy": demo.path("offpolicy", "hf"), "report": None}
+    stages = args.stages.split(",")
+    for stage in stages:
         if stage not in STAGES:
             raise SystemExit(f"--stages: unknown stage {stage!r}; choose from {','.join(STAGES)}")
-        done = outputs[stage] and os.path.exists(outputs[stage])
-        if done and not args.force:
-            print(f"[{stage}] exists, skipped ({outputs[stage]})", flush=True)
-            continue
-        if stage != "data" and stage != "report":
-            shutil.rmtree(demo.path(stage), ignore_errors=True)
-        print(f"[{stage}]", flush=True)
-        getattr(demo, stage)()
+    started = time.perf_counter()
+    run_stages(demo, stages, outputs, args.force)
     print(f"demo finished in {time.perf_counter() - started:.0f}s")
 
 

@@ -1,8 +1,11 @@
 """The main job's plumbing, at a few steps per stage: every stage runs through the CLIs, the report has
-every row, the budget rule holds, and a stage re-runs alone."""
+every row, the budget rule holds, the test problems are held out, and a stage re-runs alone."""
 import json
 import os
 
+import pyarrow.parquet as pq
+
+from megatron_opd.data import questions
 from megatron_opd.demo.opd_demo import BATCH, SAMPLES, main
 
 
@@ -17,6 +20,9 @@ def test_demo_stages_end_to_end(tmp_path, capsys):
     budget = sum(r["response_length/mean"] * BATCH * SAMPLES for r in onpolicy if "actor/kl_loss" in r)
     kept = open(os.path.join(out, "offpolicy", "teacher_samples_budget.jsonl")).read().count("\n")
     assert 0 < kept and kept * 2 <= budget  # every kept sample holds at least one token and an end-of-sequence
+    train, test = (questions(pq.read_table(os.path.join(out, "data", f"{split}.parquet")).to_pylist())
+                   for split in ("train", "test"))
+    assert len(test) > 100 and not train & test  # held out
     printed = capsys.readouterr().out
     assert "on-policy closed" in printed
 
