@@ -32,7 +32,7 @@ LANES = 2  # stages run at once; each subprocess gets cores // LANES threads
 TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
 STUDENT = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3)
 # Two-step sums of operands up to 10: a test question never appears in training, but its single steps do,
-# so a model that learned to chain them can solve it (and an early slip derails the rest: on-policy's case).
+# so a model that learned to chain them can solve it (and a slip in the first step derails the second).
 DIFFICULTY, LARGEST = 2, 10
 TEST_PROBLEMS = 256
 BATCH = 16  # prompts per step
