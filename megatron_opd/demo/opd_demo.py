@@ -48,10 +48,15 @@ SFT_COMMON = ["trainer.mode=sft", "data.response_key=extra_info.answer", "actor.
 _threads = threading.local()
 
 
+def share_cores(lanes: int) -> None:
+    """The CLIs this thread starts get an equal share of the cores among `lanes` running at once."""
+    _threads.count = max(1, (os.cpu_count() or 1) // lanes)
+
+
 def cli(module: str, *overrides: str) -> str:
     started = time.perf_counter()
     env = dict(os.environ)
-    if hasattr(_threads, "count"):  # set by run_stages for the stage's lane
+    if hasattr(_threads, "count"):  # set by share_cores
         env["OMP_NUM_THREADS"] = str(_threads.count)
     done = subprocess.run([sys.executable, "-m", module, *overrides], capture_output=True, text=True, env=env)
     if done.returncode:
@@ -168,8 +173,8 @@ def run_stages(demo: "Demo", stages: list[str], outputs: dict, force: bool) -> N
         else:
             pending.append(stage)
 
-    def run(stage: str, threads: int) -> None:
-        _threads.count = threads
+    def run(stage: str, lanes: int) -> None:
+        share_cores(lanes)
         if stage not in ("data", "report"):
             shutil.rmtree(demo.path(stage), ignore_errors=True)
         print(f"[{stage}]", flush=True)
@@ -181,8 +186,8 @@ def run_stages(demo: "Demo", stages: list[str], outputs: dict, force: bool) -> N
             ready = [s for s in pending if not any(n in pending or n in running.values() for n in NEEDS[s])]
             for stage in ready[:LANES - len(running)]:
                 pending.remove(stage)
-                threads = max(1, (os.cpu_count() or 1) // (LANES if len(ready) > 1 or running else 1))
-                running[pool.submit(run, stage, threads)] = stage
+                lanes = LANES if len(ready) > 1 or running else 1
+                running[pool.submit(run, stage, lanes)] = stage
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 running.pop(future)

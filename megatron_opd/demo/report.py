@@ -8,8 +8,7 @@ import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
-from megatron_opd.demo import opd_demo
-from megatron_opd.demo.opd_demo import BATCH, KL, LANES, RESPONSE_TOKENS, SAMPLES, TEMPERATURE, cli
+from megatron_opd.demo.opd_demo import BATCH, KL, LANES, RESPONSE_TOKENS, SAMPLES, TEMPERATURE, cli, share_cores
 
 MODELS = (("teacher", "teacher"), ("student before", "student"), ("on-policy", "onpolicy"),
           ("off-policy", "offpolicy"))
@@ -71,7 +70,7 @@ def measure_and_report(demo) -> dict:
     os.makedirs(demo.path("report"))
 
     def measure(name: str) -> dict:
-        opd_demo._threads.count = max(1, (os.cpu_count() or 1) // LANES)
+        share_cores(LANES)
         return {"accuracy": _accuracy(demo, name), "kl": 0.0 if name == "teacher" else _kl(demo, name)}
 
     with ThreadPoolExecutor(LANES) as pool:
