@@ -24,9 +24,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# The distributed optimizer's state in bucket space: saved and loaded by every rank in parallel, and
+# resharded along DP on load. megatron-core 0.19's default (fully_sharded_model_space) needs flattened
+# ShardedTensors, which its own torch_dist writer refuses.
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
 def _sharded(ddp_chunks, optimizer, loading: bool) -> dict:
     model = {f"chunk{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(ddp_chunks)}
-    return {"model": model, "optimizer": optimizer.sharded_state_dict(model, is_loading=loading)}
+    return {"model": model,
+            "optimizer": optimizer.sharded_state_dict(model, is_loading=loading, metadata=OPTIMIZER_FORMAT)}
 
 
 def rng_state() -> dict:
@@ -84,10 +91,25 @@ def find(save_dir: str, resume: str) -> Optional[str]:
         return os.path.join(save_dir, f.read().strip())
 
 
+def _prime_adam_state(optimizer) -> None:
+    """megatron 0.19's DistributedOptimizer.state_dict() reads the step of torch Adam's per-parameter state,
+    which exists only after a first step (TE's FusedAdam keeps it in the param groups instead); a resumed
+    optimizer has not stepped yet. Zeros and step 0 stand in until the checkpoint overwrites them."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = inner.optimizer
+        for group in adam.param_groups:
+            for param in group["params"]:
+                if not adam.state[param]:
+                    adam.state[param] = {"step": torch.zeros((), dtype=torch.float32, device="cpu"),
+                                         "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+
+
+@torch.no_grad()  # the optimizer load copies into views of the (leaf) parameters
 def load(path: str, ddp_chunks, optimizer, scheduler) -> dict:
     """Collective. Restores model, optimizer, schedule and RNG; returns the saved extras (step, sampler...)."""
     from megatron.core import dist_checkpointing
 
+    _prime_adam_state(optimizer)
     state = dist_checkpointing.load(_sharded(ddp_chunks, optimizer, loading=True), os.path.join(path, "model"))
     for i, chunk in enumerate(ddp_chunks):
         chunk.module.load_state_dict(state["model"][f"chunk{i}"], strict=False)

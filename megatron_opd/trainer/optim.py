@@ -8,7 +8,8 @@ def wrap_and_build_optimizer(chunks, actor: ActorConfig, total_optimizer_steps: 
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = chunks[0].config
-    distributed_optimizer = data_parallel > 1
+    # Always the distributed optimizer (at DP=1 too): one checkpoint format, whatever the DP size.
+    distributed_optimizer = True
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=distributed_optimizer)
     wrapped = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
