@@ -77,8 +77,10 @@ class SafetensorsReader:
     def get(self, name: str) -> torch.Tensor:
         path, entry, data_start = self._entries[name]
         begin, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
-        buffer = tensor.view(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
+        # Host memory: the file is read into it; the loader copies each tensor to its parameter's device.
+        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]], device="cpu")
+        buffer = (tensor.view(-1).view(torch.uint8) if tensor.numel()
+                  else torch.empty(0, dtype=torch.uint8, device="cpu"))
         if buffer.numel() != end - begin:
             raise CheckpointFileError(f"{path}: {name} holds {end - begin} bytes for shape {entry['shape']}")
         with open(path, "rb") as f:

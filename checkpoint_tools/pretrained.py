@@ -45,15 +45,21 @@ def write_marker(path: str, arch, dtype: str) -> None:
                    "dtype": dtype}, f, indent=2)
 
 
+def checkpoint_dtype(path: str) -> str:
+    """The dtype a checkpoint holds its weights in: the marker's for a converted checkpoint, config.json's
+    torch_dtype for an HF one."""
+    return read_marker(path).get("dtype", "float32") if is_mcore_dir(path) else load_arch(path).torch_dtype
+
+
 def load_pretrained(path: str, parallel: ParallelConfig, dtype=None, recompute: str = "none"):
     """Build the model described by `path` (an HF directory or a converted Megatron checkpoint) for
-    `parallel` and load its weights. Megatron's parallel state must be initialised. Returns (arch, chunks)."""
+    `parallel`, in `dtype` (default: the checkpoint's), and load its weights. Megatron's parallel state must
+    be initialised; the model lands on the process group's device. Returns (arch, chunks)."""
     if not os.path.isdir(path):
         raise CheckpointFileError(f"{path}: no such model directory")
     arch = load_arch(path)
     if is_mcore_dir(path):
-        info = read_marker(path)
-        chunks = build_model(arch, parallel, dtype=dtype or info.get("dtype", "float32"), recompute=recompute,
+        chunks = build_model(arch, parallel, dtype=dtype or checkpoint_dtype(path), recompute=recompute,
                              init_weights=False)
         load_model(chunks, os.path.join(path, MODEL_SUBDIR))
     elif is_hf_dir(path):

@@ -19,7 +19,7 @@ class Parity:
 
 
 def sample_tokens(vocab_size: int, batch: int = 2, seq: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed), device="cpu")
 
 
 @torch.no_grad()
@@ -31,12 +31,10 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _megatron_logits(rank, world_size, path, parallel, tokens):
-    from megatron.core import parallel_state
-
-    initialize_model_parallel(parallel)
+    dims = initialize_model_parallel(parallel)
     arch, chunks = load_pretrained(path, parallel, dtype="float32")
-    logits = full_logits(chunks, tokens, vocab_size=arch.vocab_size)
-    return logits if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 else None
+    logits = full_logits(chunks, tokens.to(dims.device), vocab_size=arch.vocab_size)
+    return logits.cpu() if logits is not None and dims.tp_rank == 0 else None
 
 
 def megatron_logits(path: str, tokens: torch.Tensor, parallel: ParallelConfig, timeout_s: float = 600) -> torch.Tensor:

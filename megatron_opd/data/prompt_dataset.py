@@ -2,11 +2,12 @@
 tokenised when an item is read, with overlong prompts handled per `data.truncation` /
 `data.filter_overlong_prompts`.
 
-Opening reads the file footers / line boundaries and the needed Arrow columns only; nothing is tokenised
-up front. The exception is `filter_overlong_prompts=True`: which prompts survive depends on their token
-counts, and the sampler needs the surviving count before the first batch, so construction tokenises every
-prompt once (in chunks, through the fast tokenizer's batch path) and keeps only the surviving row ids. That
-costs one pass over the data (bench/data_load.py measures it); it is what verl does too.
+Opening reads the file footers / line boundaries and the needed Arrow columns, then tokenises every prompt
+once (in chunks, through the fast tokenizer's batch path) when their lengths matter up front:
+`filter_overlong_prompts=True` (which prompts survive decides the sampler's count) and `truncation=error`
+(an overlong prompt is an error at start-up, naming its file and row, not hours into a run when its row is
+first drawn). That costs one pass over the data (bench/data_load.py measures it); verl filters the same
+way. Items are tokenised again when read.
 """
 import operator
 import os
@@ -44,11 +45,18 @@ class PromptDataset:
         self.num_rows = int(self._starts[-1])
         self._kept_rows: Optional[np.ndarray] = None
         if filter_overlong_prompts:
-            self._kept_rows = self._rows_within_length()
+            self._kept_rows = np.flatnonzero(self._prompt_lengths() <= max_prompt_length)
             if len(self._kept_rows) == 0:
                 raise DataError(", ".join(str(f) for f in files), f"all {self.num_rows} prompts are longer than "
                                 f"data.max_prompt_length={max_prompt_length} tokens", key=prompt_key,
                                 fix="raise data.max_prompt_length")
+        elif truncation == "error":
+            overlong = np.flatnonzero(self._prompt_lengths() > max_prompt_length)
+            if len(overlong):
+                source, local_row = self._locate(int(overlong[0]))
+                raise DataError(source.path, f"prompt has more tokens than data.max_prompt_length="
+                                f"{max_prompt_length} ({len(overlong)} of the {self.num_rows} prompts do)",
+                                row=local_row, key=prompt_key, fix=OVERLONG_FIX)
 
     @classmethod
     def from_config(cls, config: DataConfig, tokenizer, split: str = "train") -> "PromptDataset":
@@ -73,14 +81,15 @@ class PromptDataset:
         file_index = int(np.searchsorted(self._starts, row, side="right")) - 1
         return self.sources[file_index], row - int(self._starts[file_index])
 
-    def _rows_within_length(self) -> np.ndarray:
+    def _prompt_lengths(self) -> np.ndarray:
+        """Token counts of every templated prompt, in row order."""
         lengths = []
         for source in self.sources:
             for start in range(0, len(source), FILTER_CHUNK_ROWS):
                 records = source.rows(start, min(start + FILTER_CHUNK_ROWS, len(source)))
                 texts = render_prompts(self.tokenizer, [record["raw_prompt"] for record in records])
                 lengths.extend(prompt_lengths(self.tokenizer, texts))
-        return np.flatnonzero(np.asarray(lengths) <= self.max_prompt_length)
+        return np.asarray(lengths, dtype=np.int64)
 
     def __getitem__(self, index: int) -> dict:
         index = operator.index(index)
@@ -91,11 +100,7 @@ class PromptDataset:
         source, local_row = self._locate(row)
         record = source.row(local_row)
         input_ids = encode_prompt(self.tokenizer, record["raw_prompt"])
-        if len(input_ids) > self.max_prompt_length:
-            if self.truncation == "error":
-                raise DataError(source.path, f"prompt has {len(input_ids)} tokens, more than "
-                                f"data.max_prompt_length={self.max_prompt_length}", row=local_row,
-                                key=self.prompt_key, fix=OVERLONG_FIX)
+        if len(input_ids) > self.max_prompt_length:  # only under truncation=left|right: opening checked the rest
             # left keeps the end of the prompt, where the question and the generation prompt are.
             input_ids = (input_ids[-self.max_prompt_length:] if self.truncation == "left"
                          else input_ids[:self.max_prompt_length])
@@ -106,21 +111,21 @@ class PromptDataset:
         return item
 
 
-def collate_prompts(items: Sequence[dict], pad_token_id: int) -> dict:
+def collate_prompts(items: Sequence[dict], pad_token_id: int, device: Union[str, torch.device] = "cpu") -> dict:
     """A batch: `input_ids` [b, s] left-padded (prompts end where generation starts) with `attention_mask`,
-    `prompt_ids` the unpadded lists (what an engine takes), the other fields as lists, `index` as a tensor."""
+    `prompt_ids` the unpadded lists (what an engine takes), the other fields as lists, `index` as a tensor;
+    tensors on `device`."""
     if not items:
         raise ValueError("collate_prompts needs at least one item")
     width = max(len(item["input_ids"]) for item in items)
-    input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-    for i, item in enumerate(items):
-        n = len(item["input_ids"])
-        input_ids[i, width - n:] = torch.tensor(item["input_ids"], dtype=torch.long)
-        attention_mask[i, width - n:] = 1
+    padding = [width - len(item["input_ids"]) for item in items]
+    input_ids = torch.tensor([[pad_token_id] * pad + list(item["input_ids"]) for pad, item in zip(padding, items)],
+                             dtype=torch.long, device=device)
+    attention_mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in padding], dtype=torch.long,
+                                  device=device)
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "prompt_ids": [item["input_ids"] for item in items],
             "raw_prompt": [item["raw_prompt"] for item in items],
             "ground_truth": [item["ground_truth"] for item in items],
             "data_source": [item["data_source"] for item in items],
-            "index": torch.tensor([item["index"] for item in items], dtype=torch.long)}
+            "index": torch.tensor([item["index"] for item in items], dtype=torch.long, device=device)}

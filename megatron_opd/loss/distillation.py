@@ -53,7 +53,7 @@ def response_counts(response_masks: Union[torch.Tensor, Sequence[torch.Tensor]],
 
 
 def _like(count, values: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(count).to(device=values.device, dtype=values.dtype).clamp(min=1)
+    return torch.as_tensor(count, device=values.device, dtype=values.dtype).clamp(min=1)
 
 
 def aggregate(values: torch.Tensor, response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",

@@ -5,11 +5,15 @@ multiple of 128*TP, so a checkpoint written at one TP can hold a different numbe
 the model built at another. Those two tensors are read whole and re-cut here; the padded rows carry no
 token, so only the rows both sides have are copied.
 """
+import multiprocessing as mp
 import os
 import shutil
+from multiprocessing.managers import SyncManager
 
 import torch
 import torch.distributed as dist
+
+from megatron_opd.parallel.lifetime import die_with_parent
 
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -27,12 +31,21 @@ def _barrier():
         dist.barrier()
 
 
-def use_forked_writer_queue() -> None:
-    """megatron's torch_dist writer reports through a multiprocessing Manager made on first use; its default
-    spawn context starts a fresh interpreter that imports torch (~3 s, ~0.7 GB). A forked one is immediate."""
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+_writer_manager = None
 
-    get_write_results_queue(mp_mode="fork")
+
+def use_forked_writer_queue() -> None:
+    """megatron's torch_dist writer reports through the queue of a multiprocessing Manager, which it makes on
+    first use with the spawn context: a fresh interpreter that imports torch (~3 s, ~0.7 GB), and one that
+    outlives a SIGKILLed trainer, asleep, for good. The queue is made here instead, from a forked manager
+    (immediate) that dies with the process that made it."""
+    global _writer_manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        _writer_manager = SyncManager(ctx=mp.get_context("fork"))
+        _writer_manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+        filesystem_async._results_queue = _writer_manager.Queue()
 
 
 def save_model(chunks, ckpt_dir: str) -> None:
@@ -97,8 +110,14 @@ def load_model(chunks, ckpt_dir: str) -> None:
         local[:rows] = whole[start:start + rows]
         state[chunk_key][name] = local
     for i, chunk in enumerate(chunks):
-        missing, unexpected = chunk.load_state_dict(state[f"chunk{i}"], strict=False)
-        missing = [key for key in missing if not key.endswith("_extra_state")]
-        if missing or unexpected:
-            raise RuntimeError(f"{ckpt_dir}: checkpoint does not fit the model: missing {missing}, "
-                               f"unexpected {list(unexpected)}")
+        check_loaded_state(chunk, state[f"chunk{i}"], ckpt_dir)
+
+
+def check_loaded_state(module, state_dict: dict, source: str) -> None:
+    """Load `state_dict` into `module`; every parameter and buffer must come from it, and nothing else
+    (Transformer Engine's `_extra_state` entries excepted: they carry no weights)."""
+    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    missing = [key for key in missing if not key.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"{source}: checkpoint does not fit the model: missing {missing}, "
+                           f"unexpected {list(unexpected)}")

@@ -1,11 +1,16 @@
-"""Distributed init (torchrun and SLURM), the parallel layout, megatron's parallel state, the CPU layer."""
-from megatron_opd.parallel.config import ParallelConfig, ParallelConfigError, transformer_engine_available
+"""Distributed init (torchrun and SLURM), the parallel layout and the run's device, megatron's parallel
+state, the CPU layer."""
+from megatron_opd.parallel.config import (
+    CP_COMM_TYPES, ParallelConfig, ParallelConfigError, transformer_engine_available, transformer_engine_problem)
+from megatron_opd.parallel.device import DEVICE_KINDS, DeviceError, resolve_device
+from megatron_opd.parallel.dims import ParallelDims
 from megatron_opd.parallel.distributed import (
-    destroy, free_port, init_distributed, initialize_model_parallel, tp_group)
+    current_device, destroy, free_port, init_distributed, initialize_model_parallel, tp_group)
 from megatron_opd.parallel.launch_env import LaunchEnv, expand_hostlist, read_launch_env
 
 __all__ = [
-    "LaunchEnv", "ParallelConfig", "ParallelConfigError", "destroy", "expand_hostlist", "free_port",
-    "init_distributed", "initialize_model_parallel", "read_launch_env", "tp_group",
-    "transformer_engine_available",
+    "CP_COMM_TYPES", "DEVICE_KINDS", "DeviceError", "LaunchEnv", "ParallelConfig", "ParallelConfigError",
+    "ParallelDims", "current_device", "destroy", "expand_hostlist", "free_port", "init_distributed",
+    "initialize_model_parallel", "read_launch_env", "resolve_device", "tp_group", "transformer_engine_available",
+    "transformer_engine_problem",
 ]

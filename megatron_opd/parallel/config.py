@@ -1,18 +1,35 @@
 """`ParallelConfig`: the parallel layout, checked against the world and the model before anything is built."""
+import functools
+import importlib.util
+import sys
 from dataclasses import dataclass
 from typing import Optional
+
+# Transformer Engine's context-parallel attention; without TE, CP attention all-gathers K and V.
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
 
 
 class ParallelConfigError(ValueError):
     """A layout that cannot run; the message says which key to change."""
 
 
-def transformer_engine_available() -> bool:
+@functools.cache
+def transformer_engine_problem() -> Optional[str]:
+    """None when Transformer Engine imports; otherwise why not. An installed TE that fails to import is
+    reported once on stderr: it would otherwise quietly swap in megatron's local layer spec."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return "transformer_engine is not installed"
     try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as err:  # a broken install raises anything from ImportError to OSError
+        problem = f"transformer_engine is installed but fails to import ({type(err).__name__}: {err})"
+        print(f"warning: {problem}; using megatron's local layer spec", file=sys.stderr, flush=True)
+        return problem
+    return None
+
+
+def transformer_engine_available() -> bool:
+    return transformer_engine_problem() is None
 
 
 @dataclass
@@ -22,6 +39,7 @@ class ParallelConfig:
     context: int = 1
     virtual_pipeline: Optional[int] = None
     sequence_parallel: bool = False
+    cp_comm_type: str = "p2p"  # Transformer Engine's CP attention: p2p | all_gather | a2a
 
     def __post_init__(self):
         for key in ("tensor", "pipeline", "context"):
@@ -38,6 +56,9 @@ class ParallelConfig:
                     f"(got {self.pipeline}); set virtual_pipeline=null or raise pipeline")
         if self.sequence_parallel and self.tensor < 2:
             raise ParallelConfigError("parallel.sequence_parallel=true needs parallel.tensor >= 2")
+        if self.cp_comm_type not in CP_COMM_TYPES:
+            raise ParallelConfigError(f"parallel.cp_comm_type={self.cp_comm_type!r}: must be one of "
+                                      f"{'|'.join(CP_COMM_TYPES)}")
 
     @property
     def model_parallel_size(self) -> int:
@@ -46,6 +67,12 @@ class ParallelConfig:
     @property
     def virtual_stages(self) -> int:
         return self.virtual_pipeline or 1
+
+    @property
+    def sequence_multiple(self) -> int:
+        """Sequences are padded to this: 2 x CP chunks (megatron's load-balanced CP layout), each split
+        over TP again under sequence parallelism."""
+        return (2 * self.context if self.context > 1 else 1) * (self.tensor if self.sequence_parallel else 1)
 
     def data_parallel_size(self, world_size: int) -> int:
         self.check_world(world_size)
@@ -59,18 +86,16 @@ class ParallelConfig:
                 f"launch a multiple of {self.model_parallel_size} processes or change parallel.*")
 
     def check_backend(self, te_available: Optional[bool] = None) -> None:
-        """CP attention and sequence parallel exist only in megatron's Transformer Engine path."""
+        """Sequence parallelism exists only in megatron's Transformer Engine path (the local spec's norms
+        refuse it). Context parallelism runs on either: TE's attention, or the local spec with an
+        all-gather attention (megatron_opd.models.cp_attention)."""
         te = transformer_engine_available() if te_available is None else te_available
-        if self.context > 1 and not te:
-            raise ParallelConfigError(
-                f"parallel.context={self.context} needs Transformer Engine (megatron's context-parallel "
-                f"attention is TEDotProductAttention only), which is not importable here; "
-                f"set parallel.context=1 or install transformer-engine on a GPU machine")
         if self.sequence_parallel and not te:
+            why = transformer_engine_problem() or "Transformer Engine runs on GPUs only"
             raise ParallelConfigError(
-                "parallel.sequence_parallel=true needs Transformer Engine (megatron's local layer spec has "
-                "no sequence-parallel norms); set parallel.sequence_parallel=false or install "
-                "transformer-engine on a GPU machine")
+                f"parallel.sequence_parallel=true needs Transformer Engine (megatron's local layer spec has "
+                f"no sequence-parallel norms), and {why}; set parallel.sequence_parallel=false or run on a "
+                f"GPU machine with transformer-engine installed")
 
     def check_model(self, num_attention_heads: int, num_query_groups: int, num_layers: int) -> None:
         if num_attention_heads % self.tensor:

@@ -1,8 +1,8 @@
 """The CPU compatibility layer: lets megatron-core's local (non-Transformer-Engine) path run on a torch
 without a usable GPU, over gloo.
 
-This is the one place in the project that patches torch or megatron. `apply()` is called by the
-distributed init and is a no-op when CUDA is available, so GPU runs never see it.
+This is the one place in the project that patches torch or megatron. The distributed init calls `apply()`
+when the run's device is the CPU (`trainer.device`), so GPU runs never see it.
 
 What megatron-core 0.19 assumes about CUDA, and what we give it instead:
 - `torch.cuda.current_device()` as the device of buffers -> "cpu".
@@ -11,7 +11,8 @@ What megatron-core 0.19 assumes about CUDA, and what we give it instead:
   dropout/init seeds still fork correctly.
 - hard-coded `device="cuda"`, `.cuda()`, `.to("cuda")` (causal masks, schedules' token counters,
   broadcast_data) and `Tensor.type()` checks against "torch.cuda.*Tensor" (optimizers, clip_grads)
-  -> rewritten by a process-wide TorchFunctionMode.
+  -> rewritten by a process-wide TorchFunctionMode, which also drops `pin_memory=True` (the CP slice of
+  the rotary embedding asks for pinned memory, which needs a GPU).
 - the causal masks are also replaced outright: activation recompute rebuilds them inside autograd's
   backward, where the mode above is not in effect.
 """
@@ -37,6 +38,8 @@ class _CudaToCpu(TorchFunctionMode):
             return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if _is_cuda(kwargs.get("device")):
             kwargs = dict(kwargs, device="cpu")
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
@@ -57,11 +60,11 @@ class _NullStream:
 
 
 def _causal_mask(sq):
-    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool, device="cpu"), diagonal=1)
 
 
 def _sliding_window_causal_mask(sq, skv, window_size):
-    visible = torch.ones(sq, skv, dtype=torch.bool)
+    visible = torch.ones(sq, skv, dtype=torch.bool, device="cpu")
     visible = torch.triu(visible, diagonal=skv - sq - window_size[0])
     return ~torch.tril(visible, diagonal=skv - sq + window_size[1])
 
@@ -75,15 +78,11 @@ def _patch_causal_masks():
         module.get_sliding_window_causal_mask = _sliding_window_causal_mask
 
 
-def needed() -> bool:
-    return not torch.cuda.is_available()
-
-
-def apply() -> bool:
-    """Patch torch/megatron for CPU execution if CUDA is absent. Returns whether the layer is active."""
+def apply() -> None:
+    """Patch torch/megatron for a run on the CPU (idempotent)."""
     global _applied
-    if _applied or not needed():
-        return _applied
+    if _applied:
+        return
     from megatron.core.tensor_parallel import random as megatron_random
 
     torch.cuda.current_device = lambda: "cpu"
@@ -99,7 +98,6 @@ def apply() -> bool:
     # "cuda" tensors appear in many call sites, and a mode catches all of them without a list.
     _CudaToCpu().__enter__()
     _applied = True
-    return True
 
 
 def is_active() -> bool:

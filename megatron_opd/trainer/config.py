@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron_opd.data.config import DataConfig
-from megatron_opd.parallel import ParallelConfig
+from megatron_opd.parallel import DEVICE_KINDS, ParallelConfig
 from megatron_opd.rollout.sglang_server import SGLangConfig
 
 SAMPLED_KL = ("kl", "abs", "mse", "low_var_kl")
@@ -14,6 +14,7 @@ KL_LOSS_TYPES = SAMPLED_KL + FULL_KL + TOPK_KL
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 LR_DECAY = ("constant", "linear", "cosine")
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
+MODEL_DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -32,10 +33,11 @@ def _one_of(key: str, value, choices) -> None:
 @dataclass
 class ModelConfig:
     path: Optional[str] = None  # an HF model directory or a converted Megatron checkpoint
-    dtype: str = "float32"
+    dtype: Optional[str] = None  # null: the checkpoint's own (config.json's torch_dtype)
 
     def __post_init__(self):
-        _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        if self.dtype is not None:
+            _one_of("model.dtype", self.dtype, MODEL_DTYPES)
 
 
 @dataclass
@@ -114,11 +116,17 @@ class TrainerConfig:
     seed: int = 1
     export_hf: bool = True  # write the final student as an HF checkpoint
     val_max_new_tokens: Optional[int] = None  # null: rollout.response_length
+    device: str = "auto"  # auto (CUDA when usable, else CPU with a notice) | cuda | cpu
+    # Every collective's limit, including the other ranks' wait while rank 0 generates a step's rollouts.
+    collective_timeout_s: float = 1800.0
+    exit_interval: int = 0  # stop with a checkpoint after every step divisible by it (0: never)
 
     def __post_init__(self):
         _one_of("trainer.mode", self.mode, ("distill", "sft"))
+        _one_of("trainer.device", self.device, DEVICE_KINDS)
         _check(self.total_steps >= 1, "trainer.total_steps", self.total_steps, "must be >= 1")
-        for key in ("save_freq", "test_freq"):
+        _check(self.collective_timeout_s > 0, "trainer.collective_timeout_s", self.collective_timeout_s, "must be > 0")
+        for key in ("save_freq", "test_freq", "exit_interval"):
             _check(getattr(self, key) >= 0, f"trainer.{key}", getattr(self, key), "must be >= 0")
         for sink in self.logger:
             _one_of("trainer.logger", sink, LOGGERS)

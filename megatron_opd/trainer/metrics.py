@@ -1,6 +1,11 @@
 """Metric sinks chosen by `trainer.logger`: console (a progress bar with the key numbers), a jsonl file,
 TensorBoard and Weights & Biases (offline unless WANDB_MODE says otherwise, so it works without a network).
-Only global rank 0 logs."""
+Only global rank 0 logs.
+
+A step's metrics line is also stored in its checkpoint (written before the line is logged). On resume from
+step N the jsonl file keeps its lines up to N, one per step; the line of step N comes back from the
+checkpoint if a kill between the checkpoint and the log lost it; lines after N, from steps the resumed run
+will redo, are dropped."""
 import json
 import os
 
@@ -23,9 +28,28 @@ class ConsoleSink:
 
 
 class JsonlSink:
-    def __init__(self, path: str):
+    def __init__(self, path: str, start_step: int):
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.has_start_step = self._keep_up_to(path, start_step) if start_step else True
         self.file = open(path, "a")
+
+    @staticmethod
+    def _keep_up_to(path: str, step: int) -> bool:
+        """Rewrite `path` with the last line of each step <= `step`; whether step `step` has one."""
+        if not os.path.isfile(path):
+            return False
+        by_step = {}
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    if record["step"] <= step:
+                        by_step[record["step"]] = line if line.endswith("\n") else line + "\n"
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(by_step[s] for s in sorted(by_step))
+        os.replace(tmp, path)
+        return step in by_step
 
     def log(self, step: int, metrics: dict) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -67,7 +91,7 @@ class WandbSink:
 class Metrics:
     def __init__(self, sinks: list[str], run_dir: str, total_steps: int, start_step: int, config: dict):
         makers = {"console": lambda: ConsoleSink(total_steps, start_step),
-                  "jsonl": lambda: JsonlSink(os.path.join(run_dir, "metrics.jsonl")),
+                  "jsonl": lambda: JsonlSink(os.path.join(run_dir, "metrics.jsonl"), start_step),
                   "tensorboard": lambda: TensorBoardSink(os.path.join(run_dir, "tensorboard")),
                   "wandb": lambda: WandbSink(run_dir, config, os.path.basename(os.path.abspath(run_dir)))}
         self.sinks = [makers[name]() for name in sinks]
@@ -75,6 +99,11 @@ class Metrics:
     def log(self, step: int, metrics: dict) -> None:
         for sink in self.sinks:
             sink.log(step, metrics)
+
+    def restore(self, step: int, metrics: dict) -> None:
+        """The resumed checkpoint's own line, logged again when the jsonl file lost it."""
+        if any(isinstance(sink, JsonlSink) and not sink.has_start_step for sink in self.sinks):
+            self.log(step, metrics)
 
     def close(self) -> None:
         for sink in self.sinks:

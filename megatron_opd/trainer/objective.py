@@ -20,7 +20,8 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, vocab_size: int, group) ->
     shard = logits.shape[-1]
     rank = dist.get_rank(group) if group is not None else 0
     first = rank * shard
-    masked = logits.float().masked_fill(torch.arange(first, first + shard) >= vocab_size, float("-inf"))
+    padded = torch.arange(first, first + shard, device=logits.device) >= vocab_size
+    masked = logits.float().masked_fill(padded, float("-inf"))
     values, ids = masked.topk(k, dim=-1)
     ids = ids + first
     if group is not None and dist.get_world_size(group) > 1:

@@ -44,12 +44,12 @@ class Preemption:
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True
 
-    def requested(self) -> bool:
-        """Collective: True on every rank when any rank was signalled or saw the flag file."""
+    def requested(self, device: torch.device) -> bool:
+        """Collective: True on every rank when any rank was signalled or saw the flag file. `device`: the
+        process group's (a CUDA tensor for NCCL)."""
         local = self.signalled or bool(self.flag_file and _checks_files() and os.path.exists(self.flag_file))
         if not dist.is_initialized():
             return local
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None  # NCCL
         flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

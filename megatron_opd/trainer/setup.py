@@ -1,23 +1,23 @@
 """Everything a run holds, built in the order that fails fastest: config and layout checks, then data,
-then models (student, co-located teacher), optimizer, engine, resume, metric sinks."""
+then the parallel layout and its device, models (student, co-located teacher), optimizer, engine, resume,
+metric sinks."""
 import dataclasses
 import json
 import os
 
 import torch
-import torch.distributed as dist
 
-from checkpoint_tools.pretrained import is_hf_dir, load_pretrained
+from checkpoint_tools.pretrained import checkpoint_dtype, is_hf_dir, load_pretrained
 from megatron_opd.data.gsm8k_score import accuracy
 from megatron_opd.data.prompt_dataset import PromptDataset
 from megatron_opd.data.sampler import PromptSampler
 from megatron_opd.models import load_arch
-from megatron_opd.parallel import initialize_model_parallel
+from megatron_opd.parallel import DeviceError, current_device, initialize_model_parallel
 from megatron_opd.rollout.embedded_engine import make_engine
 from megatron_opd.rollout.engine import SamplingParams
 from megatron_opd.rollout.hf_dir import HFDirWriter
 from megatron_opd.trainer import checkpoint
-from megatron_opd.trainer.config import ConfigError, OPDConfig
+from megatron_opd.trainer.config import MODEL_DTYPES, ConfigError, ModelConfig, OPDConfig
 from megatron_opd.trainer.metrics import Metrics
 from megatron_opd.trainer.optim import wrap_and_build_optimizer
 from megatron_opd.trainer.weight_push import push_weights
@@ -34,7 +34,8 @@ def check_layout_and_vocab(cfg: OPDConfig, world_size: int):
     for key, arch in (("student.path", student),) + ((("teacher.path", load_arch(cfg.teacher.path)),)
                                                         if cfg.trainer.mode == "distill" else ()):
         try:
-            cfg.parallel.validate(world_size, arch.num_attention_heads, arch.num_key_value_heads, arch.num_layers)
+            cfg.parallel.validate(world_size, arch.num_attention_heads, arch.num_key_value_heads, arch.num_layers,
+                                  te_available=True)  # the backend is checked once the device is known
         except ValueError as err:
             raise ConfigError(f"{key}={getattr(cfg, key.split('.')[0]).path}: {err}") from None
     if cfg.trainer.mode == "distill":
@@ -57,44 +58,76 @@ def check_layout_and_vocab(cfg: OPDConfig, world_size: int):
     return student, sequences
 
 
+def model_dtype(model: ModelConfig, key: str) -> str:
+    """The configured dtype, else the checkpoint's own (bf16 checkpoints train in bf16 with fp32 main
+    weights, gradients and optimizer state)."""
+    if model.dtype is not None:
+        return model.dtype
+    dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(checkpoint_dtype(model.path), checkpoint_dtype(model.path))
+    if dtype not in MODEL_DTYPES:
+        raise ConfigError(f"{key}.dtype=null: {model.path} holds {dtype} weights, which the trainer does not run; "
+                          f"set {key}.dtype to one of {'|'.join(MODEL_DTYPES)}")
+    return dtype
+
+
+def check_device(requested: str) -> torch.device:
+    """The process group's device must be the one `trainer.device` asks for."""
+    device = current_device()
+    if requested != "auto" and device.type != requested:
+        raise DeviceError(f"trainer.device={requested}, but this process group runs on {device}; start the "
+                          f"trainer through `opd-train` / `python -m megatron_opd.train`, which joins it on "
+                          f"the requested device")
+    return device
+
+
 class Run:
     def __init__(self, cfg: OPDConfig):
-        from megatron.core import parallel_state
+        import torch.distributed as dist
         from transformers import AutoTokenizer
 
         self.cfg = cfg
-        world = dist.get_world_size()
-        self.arch, _ = check_layout_and_vocab(cfg, world)
+        self.arch, _ = check_layout_and_vocab(cfg, dist.get_world_size())
+        self.student_dtype = model_dtype(cfg.student, "student")
+        self.teacher_dtype = model_dtype(cfg.teacher, "teacher") if cfg.trainer.mode == "distill" else None
+        check_device(cfg.trainer.device)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.student.path)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.dataset = PromptDataset.from_config(cfg.data, self.tokenizer, "train")
         self.val_dataset = PromptDataset.from_config(cfg.data, self.tokenizer, "val") if cfg.data.val_files else None
         self.sampler = PromptSampler(len(self.dataset), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
-        initialize_model_parallel(cfg.parallel, seed=cfg.trainer.seed)
-        self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self.dp_group = parallel_state.get_data_parallel_group()
+        self.dims = initialize_model_parallel(cfg.parallel, seed=cfg.trainer.seed)
         self.vocab_size = self.arch.vocab_size
-        _, self.student = load_pretrained(cfg.student.path, cfg.parallel, cfg.student.dtype, cfg.actor.recompute)
-        self.teacher = (load_pretrained(cfg.teacher.path, cfg.parallel, cfg.teacher.dtype)[1]
+        _, self.student = load_pretrained(cfg.student.path, cfg.parallel, self.student_dtype, cfg.actor.recompute)
+        self.teacher = (load_pretrained(cfg.teacher.path, cfg.parallel, self.teacher_dtype)[1]
                         if cfg.trainer.mode == "distill" else None)
         mini_batch = cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size
         self.mini_batches_per_step = cfg.data.train_batch_size // mini_batch
         total_updates = cfg.trainer.total_steps * cfg.actor.ppo_epochs * self.mini_batches_per_step
-        self.ddp, self.optimizer, self.scheduler = wrap_and_build_optimizer(
-            self.student, cfg.actor, total_updates, parallel_state.get_data_parallel_world_size())
+        self.ddp, self.optimizer, self.scheduler = wrap_and_build_optimizer(self.student, cfg.actor, total_updates)
         self.uses_engine = cfg.trainer.mode == "distill" or bool(cfg.trainer.test_freq)
-        self.engine = self._start_engine() if self.uses_engine else None
-        self.start_step = 0
-        found = checkpoint.find(cfg.trainer.save_dir, cfg.trainer.resume)
-        if found:
-            extra = checkpoint.load(found, self.ddp, self.optimizer, self.scheduler)
-            self.sampler.load_state_dict(extra["sampler"])
-            self.start_step = extra["step"]
+        self.engine = None
         self.metrics = None
-        if dist.get_rank() == 0:
-            self.metrics = Metrics(cfg.trainer.logger, cfg.trainer.save_dir, cfg.trainer.total_steps, self.start_step,
-                                   json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+        try:
+            self.engine = self._start_engine() if self.uses_engine else None
+            self.start_step, self.skipped_updates, restored = self._resume()
+            if self.dims.rank == 0:
+                self.metrics = Metrics(cfg.trainer.logger, cfg.trainer.save_dir, cfg.trainer.total_steps,
+                                       self.start_step, json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+                if restored is not None:
+                    self.metrics.restore(self.start_step, restored)
+        except BaseException:
+            self.close()
+            raise
+
+    def _resume(self):
+        """(start step, skipped updates so far, the checkpoint's metrics line or None)."""
+        found = checkpoint.find(self.cfg.trainer.save_dir, self.cfg.trainer.resume)
+        if not found:
+            return 0, 0, None
+        extra = checkpoint.load(found, self.ddp, self.optimizer, self.scheduler, self.dims)
+        self.sampler.load_state_dict(extra["sampler"])
+        return extra["step"], extra["skipped_updates"], extra["metrics"]
 
     def _start_engine(self):
         """On rank 0; elsewhere None. A converted (Megatron) student first gets an HF copy to start from."""
@@ -102,18 +135,18 @@ class Run:
         model_dir = cfg.student.path
         if not is_hf_dir(model_dir):
             model_dir = os.path.join(cfg.trainer.save_dir, "engine_start")
-            push_weights(HFDirWriter(model_dir, cfg.student.path), self.student, self.arch, version=0)
-        if dist.get_rank() != 0:
+            push_weights(HFDirWriter(model_dir, cfg.student.path), self.student, self.arch, 0, self.dims)
+        if self.dims.rank != 0:
             return None
-        dtype = torch.bfloat16 if cfg.student.dtype == "bfloat16" else torch.float32
-        engine = make_engine(cfg.rollout.engine, model_dir, cfg.rollout.sglang, dtype=dtype)
+        dtype = torch.bfloat16 if self.student_dtype == "bfloat16" else torch.float32
+        engine = make_engine(cfg.rollout.engine, model_dir, cfg.rollout.sglang, dtype=dtype, device=self.dims.device)
         engine.start()
         return engine
 
     def sync_engine(self, version: int) -> None:
         """Collective: the engine (rank 0) gets the student's current weights."""
         if self.uses_engine:
-            push_weights(self.engine, self.student, self.arch, version)
+            push_weights(self.engine, self.student, self.arch, version, self.dims)
 
     def sampling(self, step: int) -> SamplingParams:
         r = self.cfg.rollout
@@ -143,11 +176,15 @@ class Run:
             self.metrics.log(step, metrics)
 
     def export_hf(self, out_dir: str) -> None:
-        push_weights(HFDirWriter(out_dir, self.cfg.student.path) if dist.get_rank() == 0 else None,
-                     self.student, self.arch, version=-1)
+        push_weights(HFDirWriter(out_dir, self.cfg.student.path) if self.dims.rank == 0 else None,
+                     self.student, self.arch, -1, self.dims)
 
     def close(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.engine is not None:
-            self.engine.stop()
+        """Idempotent; stops the engine (and its server) whatever else fails."""
+        metrics, engine, self.metrics, self.engine = self.metrics, self.engine, None, None
+        try:
+            if metrics is not None:
+                metrics.close()
+        finally:
+            if engine is not None:
+                engine.stop()

@@ -1,11 +1,8 @@
 import json
-import pathlib
 
 import pytest
 
 from megatron_opd.data import accuracy, extract_answer, normalize_number, score
-
-GSM8K = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k"
 
 # text, strict answer, flexible answer
 TRICKY = [
@@ -83,11 +80,10 @@ def test_long_responses_score_quickly():
     assert time.perf_counter() - start < 1.0
 
 
-@pytest.mark.skipif(not GSM8K.is_dir(), reason=f"GSM8K not found at {GSM8K}")
-def test_gold_answers_score_100_percent():
+def test_gold_answers_score_100_percent(gsm8k_dir):
     answers, truths = [], []
     for split in ("train", "test"):
-        for line in (GSM8K / f"{split}.jsonl").read_text().splitlines():
+        for line in (gsm8k_dir / f"{split}.jsonl").read_text().splitlines():
             answer = json.loads(line)["answer"]
             answers.append(answer)
             truths.append(answer.split("####")[-1].strip().replace(",", ""))

@@ -83,25 +83,28 @@ def test_from_config(tmp_path, tiny_tokenizer):
         PromptDataset.from_config(DataConfig(), tiny_tokenizer)
 
 
-def test_opening_tokenises_nothing(tmp_path, tiny_tokenizer):
+def test_opening_with_truncation_tokenises_nothing_and_with_error_once_in_batches(tmp_path, tiny_tokenizer):
+    path = write(tmp_path / "a.parquet", rows(1000))
     tokenizer = CountingTokenizer(tiny_tokenizer)
-    dataset = PromptDataset(write(tmp_path / "a.parquet", rows(1000)), tokenizer, max_prompt_length=256)
+    dataset = PromptDataset(path, tokenizer, max_prompt_length=256, truncation="left")
     assert len(dataset) == 1000 and tokenizer.calls == 0
     dataset[500]
     assert tokenizer.calls > 0
+    tokenizer = CountingTokenizer(tiny_tokenizer)
+    PromptDataset(path, tokenizer, max_prompt_length=256)  # truncation=error: every length checked up front
+    assert 0 < tokenizer.calls < 10
 
 
 def test_overlong_prompts_error_or_truncate(tmp_path, tiny_tokenizer):
     path = write(tmp_path / "long.parquet", rows(3, words=lambda i: 1 + 20 * i))
     full = [PromptDataset(path, tiny_tokenizer, max_prompt_length=10_000)[i]["input_ids"] for i in range(3)]
     limit = len(full[1]) - 1
-    strict = PromptDataset(path, tiny_tokenizer, max_prompt_length=limit)
-    assert strict[0]["input_ids"] == full[0]
-    with pytest.raises(DataError) as error:
-        strict[1]
+    with pytest.raises(DataError) as error:  # at opening: not hours into a run, when row 1 is first drawn
+        PromptDataset(path, tiny_tokenizer, max_prompt_length=limit)
     assert (error.value.path, error.value.row, error.value.key) == (path, 1, "prompt")
-    assert f"prompt has {limit + 1} tokens, more than data.max_prompt_length={limit}" in str(error.value)
+    assert f"prompt has more tokens than data.max_prompt_length={limit} (2 of the 3 prompts do)" in str(error.value)
     assert "data.filter_overlong_prompts=true" in str(error.value)
+    assert PromptDataset(path, tiny_tokenizer, max_prompt_length=len(full[2]))[1]["input_ids"] == full[1]
 
     left = PromptDataset(path, tiny_tokenizer, max_prompt_length=limit, truncation="left")
     right = PromptDataset(path, tiny_tokenizer, max_prompt_length=limit, truncation="right")
@@ -135,10 +138,11 @@ def test_filtering_validates_every_row_up_front(tmp_path, tiny_tokenizer):
     records = rows(5)
     records[3]["prompt"][0]["content"] = 12
     path = write(tmp_path / "bad.jsonl", records)
-    lazy = PromptDataset(path, tiny_tokenizer, max_prompt_length=256)
+    lazy = PromptDataset(path, tiny_tokenizer, max_prompt_length=256, truncation="right")
     assert lazy[2]["ground_truth"] == "3"
-    with pytest.raises(DataError, match=r"row 3 \(line 4\): key 'prompt\[0\].content'"):
-        PromptDataset(path, tiny_tokenizer, max_prompt_length=256, filter_overlong_prompts=True)
+    for checked in (dict(filter_overlong_prompts=True), dict(truncation="error")):
+        with pytest.raises(DataError, match=r"row 3 \(line 4\): key 'prompt\[0\].content'"):
+            PromptDataset(path, tiny_tokenizer, max_prompt_length=256, **checked)
 
 
 def test_bad_truncation_mode(tmp_path, tiny_tokenizer):

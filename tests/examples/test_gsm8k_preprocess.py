@@ -15,11 +15,7 @@ from megatron_opd.data import ROW_SCHEMA, DataError, PromptDataset, accuracy
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "data_preprocess" / "gsm8k.py"
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
-
-needs_gsm8k = pytest.mark.skipif(not GSM8K.is_dir(), reason=f"GSM8K not found at {GSM8K}")
-
 
 def load_script():
     spec = importlib.util.spec_from_file_location("gsm8k_preprocess", SCRIPT)
@@ -29,25 +25,24 @@ def load_script():
 
 
 @pytest.fixture(scope="module")
-def preprocessed(tmp_path_factory):
+def preprocessed(tmp_path_factory, gsm8k_dir):
     out = tmp_path_factory.mktemp("gsm8k")
-    result = subprocess.run([sys.executable, str(SCRIPT), "--local_save_dir", str(out), "--input_dir", str(GSM8K)],
+    result = subprocess.run([sys.executable, str(SCRIPT), "--local_save_dir", str(out), "--input_dir", str(gsm8k_dir)],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"train: 7473 rows -> {out / 'train.parquet'}" in result.stdout
     return out
 
 
-def source_records(split):
-    return [json.loads(line) for line in (GSM8K / f"{split}.jsonl").read_text().splitlines()]
+def source_records(gsm8k_dir, split):
+    return [json.loads(line) for line in (gsm8k_dir / f"{split}.jsonl").read_text().splitlines()]
 
 
-@needs_gsm8k
 @pytest.mark.parametrize("split, rows", [("train", 7473), ("test", 1319)])
-def test_rows_and_schema(preprocessed, split, rows):
+def test_rows_and_schema(preprocessed, gsm8k_dir, split, rows):
     table = pq.read_table(preprocessed / f"{split}.parquet")
     assert table.num_rows == rows and table.schema == ROW_SCHEMA
-    records, source = table.to_pylist(), source_records(split)
+    records, source = table.to_pylist(), source_records(gsm8k_dir, split)
     assert len(source) == rows
     for index in (0, 1, rows // 2, rows - 1):
         record, original = records[index], source[index]
@@ -65,7 +60,6 @@ def test_rows_and_schema(preprocessed, split, rows):
                     [r["reward_model"]["ground_truth"] for r in records]) == 1.0
 
 
-@needs_gsm8k
 def test_round_trip_through_datasets_and_pyarrow(preprocessed, tmp_path):
     train = datasets.Dataset.from_parquet(str(preprocessed / "train.parquet"), cache_dir=str(tmp_path / "cache"))
     assert train.num_rows == 7473
@@ -80,7 +74,6 @@ def test_round_trip_through_datasets_and_pyarrow(preprocessed, tmp_path):
     assert (both["train"].num_rows, both["test"].num_rows) == (7473, 1319)
 
 
-@needs_gsm8k
 def test_prompt_dataset_reads_the_output(preprocessed, tiny_tokenizer):
     dataset = PromptDataset([str(preprocessed / "train.parquet"), str(preprocessed / "test.parquet")],
                             tiny_tokenizer, max_prompt_length=4096)

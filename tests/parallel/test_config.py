@@ -1,6 +1,6 @@
 import pytest
 
-from megatron_opd.parallel import ParallelConfig, ParallelConfigError, transformer_engine_available
+from megatron_opd.parallel import ParallelConfig, ParallelConfigError
 
 
 def test_data_parallel_size_is_what_is_left():
@@ -27,18 +27,35 @@ def test_layers_not_divisible_by_pipeline_chunks():
         ParallelConfig(pipeline=2, virtual_pipeline=3).check_model(4, 4, num_layers=4)
 
 
-@pytest.mark.skipif(transformer_engine_available(), reason="this machine has Transformer Engine")
-def test_context_parallel_without_transformer_engine_fails_here():
-    with pytest.raises(ParallelConfigError, match=r"parallel.context=2 needs Transformer Engine"):
-        ParallelConfig(context=2).validate(world_size=2, num_attention_heads=4, num_query_groups=2, num_layers=4)
-
-
-def test_context_and_sequence_parallel_need_transformer_engine():
-    with pytest.raises(ParallelConfigError, match=r"parallel.context=2 needs Transformer Engine"):
-        ParallelConfig(context=2).check_backend(te_available=False)
+def test_context_parallel_runs_without_transformer_engine_and_sequence_parallel_does_not():
+    ParallelConfig(context=2).validate(world_size=2, num_attention_heads=4, num_query_groups=2, num_layers=4,
+                                       te_available=False)
     with pytest.raises(ParallelConfigError, match=r"sequence_parallel=true needs Transformer Engine"):
         ParallelConfig(tensor=2, sequence_parallel=True).check_backend(te_available=False)
     ParallelConfig(tensor=2, context=2, sequence_parallel=True).check_backend(te_available=True)
+
+
+@pytest.mark.parametrize("kwargs, multiple", [
+    (dict(), 1), (dict(context=2), 4), (dict(context=4, tensor=2), 8),
+    (dict(tensor=2, sequence_parallel=True), 2), (dict(context=2, tensor=4, sequence_parallel=True), 16)])
+def test_sequences_pad_to_two_chunks_per_context_rank_times_tp_under_sequence_parallel(kwargs, multiple):
+    assert ParallelConfig(**kwargs).sequence_multiple == multiple
+
+
+def test_a_broken_transformer_engine_is_reported(monkeypatch, capsys):
+    import importlib.util
+    import sys
+
+    from megatron_opd.parallel import config
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)  # None: "import fails"
+    config.transformer_engine_problem.cache_clear()
+    try:
+        assert not config.transformer_engine_available()
+        assert "transformer_engine is installed but fails to import (ModuleNotFoundError" in capsys.readouterr().err
+    finally:
+        config.transformer_engine_problem.cache_clear()
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -4,8 +4,12 @@ import json
 import os
 import signal
 
+import torch
+
 from megatron_opd.trainer.preemption import SAVED_SUFFIX, Preemption
 from tests.conftest import run_distributed
+
+CPU = torch.device("cpu")
 
 
 def test_flag_file_and_marker(tmp_path, monkeypatch):
@@ -13,9 +17,9 @@ def test_flag_file_and_marker(tmp_path, monkeypatch):
     flag = tmp_path / "preempt.flag"
     preemption = Preemption(str(flag), on_sigterm=False)
     try:
-        assert not preemption.requested()
+        assert not preemption.requested(CPU)
         flag.touch()
-        assert preemption.requested()
+        assert preemption.requested(CPU)
         preemption.saved(7, "/ckpt/step_000007")
         assert json.loads((tmp_path / ("preempt.flag" + SAVED_SUFFIX)).read_text()) == \
             {"step": 7, "checkpoint": "/ckpt/step_000007"}
@@ -27,9 +31,9 @@ def test_signals_set_the_request_and_handlers_are_restored():
     before_usr1, before_term = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
     preemption = Preemption(flag_file="", on_sigterm=True)
     try:
-        assert not preemption.requested()
+        assert not preemption.requested(CPU)
         os.kill(os.getpid(), signal.SIGTERM)
-        assert preemption.requested()
+        assert preemption.requested(CPU)
     finally:
         preemption.close()
     assert signal.getsignal(signal.SIGUSR1) == before_usr1 and signal.getsignal(signal.SIGTERM) == before_term
@@ -38,7 +42,7 @@ def test_signals_set_the_request_and_handlers_are_restored():
     try:
         assert signal.getsignal(signal.SIGTERM) == before_term
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert preemption.requested()
+        assert preemption.requested(CPU)
     finally:
         preemption.close()
 
@@ -46,7 +50,7 @@ def test_signals_set_the_request_and_handlers_are_restored():
 def _agree(rank, world_size, flag_path, signalled_rank):
     preemption = Preemption(flag_path, on_sigterm=False)
     preemption.signalled = rank == signalled_rank
-    answer = preemption.requested()
+    answer = preemption.requested(CPU)
     preemption.close()
     return answer
 

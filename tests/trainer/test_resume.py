@@ -52,3 +52,48 @@ def test_kill_and_resume_continues_exactly(distill_setup, tmp_path):
     for step in range(3, STEPS + 1):
         assert resumed[step]["actor/kl_loss"] == reference[step]["actor/kl_loss"], step
         assert resumed[step]["actor/grad_norm"] == reference[step]["actor/grad_norm"], step
+
+
+def test_a_metrics_line_lost_after_its_checkpoint_comes_back_from_it(distill_setup, tmp_path):
+    """A kill between a step's checkpoint and its metrics line (here: the line removed by hand after a stop at
+    step 2) loses nothing: the resumed run restores the line from the checkpoint and logs each step once."""
+    base = [sys.executable, "-m", "megatron_opd.train",
+            *distill_overrides(distill_setup, tmp_path, "trainer.total_steps=3", "trainer.export_hf=false")]
+    subprocess.run(base + ["trainer.exit_interval=2"], check=True, capture_output=True, timeout=300)
+    metrics = tmp_path / "metrics.jsonl"
+    first, second = metrics.read_text().splitlines()
+    metrics.write_text(first + "\n")
+    subprocess.run(base, check=True, capture_output=True, timeout=300)
+    lines = metrics.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert json.loads(lines[1]) == json.loads(second)
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+
+
+def test_a_trainer_killed_alone_leaves_no_helper_process(distill_setup, tmp_path):
+    """SIGKILL to the trainer process only (the OOM killer's way): the checkpoint writer's helper process it
+    forked goes with it instead of sleeping on, holding memory, for good."""
+    import psutil
+
+    process = subprocess.Popen(command(distill_setup, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "latest").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+            time.sleep(0.05)
+        helpers = _children(process.pid)
+        assert helpers, "the trainer forked no helper (the checkpoint writer's queue manager)"
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 10
+        while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in helpers):
+            assert time.monotonic() < deadline, f"helper processes {helpers} outlived their trainer"
+            time.sleep(0.1)
+    finally:
+        if process.poll() is None:
+            process.kill()

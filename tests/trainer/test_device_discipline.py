@@ -1,0 +1,81 @@
+"""No project code path relies on the default device: every tensor factory called from the project's own
+code (megatron_opd/, checkpoint_tools/) names its device. Checked on real runs — distillation steps with
+validation, a checkpoint and a resume, at TP=1 and at CP=2 — under a TorchFunctionMode that records each
+factory call by its caller's file and line. On a GPU node a factory without a device puts its tensor on
+the CPU beside CUDA tensors; on this CPU machine only such a check can see it."""
+import collections
+import os
+import sys
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_opd.trainer.config import to_config
+from tests.conftest import distill_overrides, run_distributed
+from tests.trainer.test_config import composed
+
+FACTORIES = {torch.tensor, torch.as_tensor, torch.scalar_tensor, torch.zeros, torch.ones, torch.full, torch.empty,
+             torch.empty_strided, torch.arange, torch.linspace, torch.logspace, torch.eye, torch.rand, torch.randn,
+             torch.randint, torch.randperm}
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROJECT = tuple(os.path.join(REPO, package) + os.sep for package in ("megatron_opd", "checkpoint_tools"))
+
+
+class FactoriesNeedADevice(TorchFunctionMode):
+    """Records project call sites of tensor factories: `placed` (device given) and `unplaced` (not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.placed, self.unplaced = collections.Counter(), collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in FACTORIES:
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(PROJECT):
+                where = f"{os.path.relpath(caller.f_code.co_filename, REPO)}:{caller.f_lineno}"
+                (self.placed if "device" in kwargs else self.unplaced)[where] += 1
+        return func(*args, **kwargs)
+
+
+def _train_watched(rank, world_size, runs):
+    from megatron_opd.trainer.loop import Trainer
+
+    mode = FactoriesNeedADevice()
+    with mode:
+        for cfg in runs:
+            Trainer(cfg).train()
+    return dict(mode.placed), dict(mode.unplaced)
+
+
+def _runs(setup, save_dir, *extra):
+    """Two steps with a checkpoint, then the same command resumed for a third; validation at steps 0 and 2."""
+    base = (*distill_overrides(setup, save_dir), "trainer.test_freq=2", "trainer.save_freq=2", *extra)
+    return [to_config(composed(*base, "trainer.total_steps=3", "trainer.exit_interval=2")),
+            to_config(composed(*base, "trainer.total_steps=3"))]
+
+
+def check(results):
+    placed, unplaced = collections.Counter(), collections.Counter()
+    for rank_placed, rank_unplaced in results:
+        placed.update(rank_placed)
+        unplaced.update(rank_unplaced)
+    assert not unplaced, f"tensor factories without a device in project code: {sorted(unplaced)}"
+    return placed
+
+
+def test_every_factory_in_a_distillation_run_names_its_device(distill_setup, tmp_path):
+    placed = check(run_distributed(_train_watched, 1, _runs(distill_setup, tmp_path, "actor.kl_loss_type=topk_reverse",
+                                                             "actor.topk=4", "actor.entropy_coeff=0.01"),
+                                   timeout_s=600))
+    # The check saw the places that make the step's tensors (it cannot pass by watching nothing).
+    for site in ("megatron_opd/trainer/batch.py", "megatron_opd/trainer/objective.py",
+                 "megatron_opd/rollout/embedded_engine.py", "megatron_opd/parallel/dims.py",
+                 "megatron_opd/trainer/preemption.py", "checkpoint_tools/hf_files.py"):
+        assert any(where.startswith(site) for where in placed), (site, sorted(placed))
+
+
+def test_every_factory_in_a_context_parallel_run_names_its_device(distill_setup, tmp_path):
+    placed = check(run_distributed(_train_watched, 2, _runs(distill_setup, tmp_path, "parallel.context=2"),
+                                   timeout_s=600))
+    assert any(where.startswith("megatron_opd/parallel/context_parallel.py") for where in placed), sorted(placed)
