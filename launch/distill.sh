@@ -5,13 +5,17 @@
 # Run (from the repo root, or set OPD_REPO / OPD_PYTHON):
 #   sbatch launch/distill.sh student.path=... teacher.path=... data.train_files=... [more Hydra overrides]
 #   sbatch --nodes=4 --gpus-per-node=8 --time=24:00:00 launch/distill.sh parallel.tensor=8 ...
+#   sbatch --gpus-per-node=0 --ntasks-per-node=2 launch/distill.sh ...   # two processes on a CPU node
 # Every argument is a Hydra override for megatron_opd.train; sbatch options on the command line win over
 # the #SBATCH defaults below.
 #
-# Layout: one srun task per node, each running torchrun, which starts OPD_PROCS_PER_NODE trainer processes
-# (default: the GPUs SLURM gave the node, or 1 without GPUs) and joins the others through a c10d rendezvous
-# on the first node. Ranks come from torchrun's variables. The rollout engine needs no launch of its own:
-# with rollout.engine=sglang, global rank 0 starts the SGLang server (megatron_opd/rollout/sglang_server.py).
+# Layout: one srun task per node, each running torchrun, which starts the node's trainer processes and joins
+# the other nodes through a c10d rendezvous whose store the first node hosts. Trainer processes per node, the
+# first that is set: OPD_PROCS_PER_NODE; sbatch --ntasks-per-node=N; sbatch --ntasks=N (N / nodes, which
+# must divide); the GPUs SLURM gave the node; 1. The job takes whole nodes whatever the number of tasks
+# asked for: torchrun forks the processes, which share the node's CPUs and memory. Ranks come from
+# torchrun's variables. The rollout engine needs no launch of its own: with rollout.engine=sglang, global
+# rank 0 starts the SGLang server (megatron_opd/rollout/sglang_server.py).
 #
 # Files: the job log is <job name>-<job id>.log in the submit directory; checkpoints, metrics.jsonl and
 # Hydra's record go to the run directory runs/<job name>-<job id>/ under the submit directory, or to
@@ -33,8 +37,7 @@
 
 #SBATCH --job-name=opd-distill
 #SBATCH --nodes=1
-# One task per node: torchrun forks the per-GPU trainer processes itself.
-#SBATCH --ntasks-per-node=1
+# No --ntasks-per-node here: SLURM sets SLURM_NTASKS_PER_NODE only when the user asks for a number.
 #SBATCH --gpus-per-node=8
 # Whole nodes, all their CPUs and memory: the trainer processes of a node share them.
 #SBATCH --exclusive
@@ -64,8 +67,21 @@ elif [ -x "$REPO/.venv/bin/python" ]; then
 else
     PYTHON=$(command -v python3) || { echo "no python: set OPD_PYTHON or OPD_REPO" >&2; exit 2; }
 fi
-PROCS_PER_NODE=${OPD_PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 NODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+if [ -n "${OPD_PROCS_PER_NODE:-}" ]; then
+    PROCS_PER_NODE=$OPD_PROCS_PER_NODE
+elif [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then
+    PROCS_PER_NODE=$SLURM_NTASKS_PER_NODE
+elif [ -n "${SLURM_NTASKS:-}" ]; then  # set only by --ntasks (or --ntasks-per-node, handled above)
+    if [ $((SLURM_NTASKS % NODES)) -ne 0 ]; then
+        echo "opd: --ntasks=$SLURM_NTASKS does not divide over $NODES nodes: every node runs the same number of" \
+            "trainer processes; ask for them with --ntasks-per-node=N" >&2
+        exit 2
+    fi
+    PROCS_PER_NODE=$((SLURM_NTASKS / NODES))
+else
+    PROCS_PER_NODE=${SLURM_GPUS_ON_NODE:-1}
+fi
 MASTER_ADDR=${OPD_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 MASTER_PORT=${OPD_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 DEFAULT_RUN_DIR=$SLURM_SUBMIT_DIR/runs/$SLURM_JOB_NAME-$SLURM_JOB_ID
@@ -98,14 +114,20 @@ trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 
 # The defaults come before "$@" so that the user's overrides win (Hydra keeps the last value).
-# Each task ignores SIGUSR1 and SIGTERM (inherited through exec, and torchrun is told not to handle
-# SIGTERM): torchrun would die of the first and kill the trainer on the second, whose own handlers see
-# both. A failed worker still brings its node down: torchrun then stops the others, SIGKILL after
+# One task per node, whatever --ntasks(-per-node) the allocation was made with: torchrun forks the trainer
+# processes. Each task ignores SIGUSR1 and SIGTERM (inherited through exec, and torchrun is told not to
+# handle SIGTERM): torchrun would die of the first and kill the trainer on the second, whose own handlers
+# see both. A failed worker still brings its node down: torchrun then stops the others, SIGKILL after
 # --shutdown-timeout.
+# is_host (per task, from its node's index in the step): the first node's torchrun hosts the rendezvous
+# store, and only it. Left to guess, a torchrun hosts it when the endpoint matches its machine's host name or
+# addresses: none does when the first node's name resolves to another interface (all wait for a store that
+# nobody starts), and one that guessed so but cannot bind the port silently joins whatever listens there.
+# shellcheck disable=SC2016  # expanded in each srun task, on its own node
+TASK='trap "" USR1 TERM; exec "$1" -m torch.distributed.run --rdzv-conf="is_host=$((SLURM_NODEID == 0))" "${@:2}"'
 srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
     --kill-on-bad-exit=1 \
-    bash -c 'trap "" USR1 TERM; exec "$@"' opd-task \
-    "$PYTHON" -m torch.distributed.run --signals-to-handle=SIGINT,SIGHUP,SIGQUIT --shutdown-timeout=10 \
+    bash -c "$TASK" opd-task "$PYTHON" --signals-to-handle=SIGINT,SIGHUP,SIGQUIT --shutdown-timeout=10 \
     --nnodes="$NODES" --nproc-per-node="$PROCS_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
     -m megatron_opd.train --config-name=distillation_trainer \

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from megatron_opd.data.config import DataConfig
 from megatron_opd.parallel.quiet import quiet_known_messages
 from megatron_opd.train import CONFIG_DIR
+from megatron_opd.parallel.device import DEVICE_KINDS
 from megatron_opd.trainer.config import ConfigError, ModelConfig, RolloutConfig
 
 
@@ -33,6 +34,7 @@ class GenerateConfig:
     output: str = "outputs/generations.jsonl"
     score_method: str = "strict"
     max_prompts: Optional[int] = None
+    device: str = "auto"  # auto (CUDA when usable, else CPU with a notice) | cuda | cpu
 
     def __post_init__(self):
         if not self.model.path:
@@ -41,6 +43,8 @@ class GenerateConfig:
             raise ConfigError("data.val_files=None: is required (the prompts to answer)")
         if not self.output.endswith((".jsonl", ".parquet")):
             raise ConfigError(f"output={self.output!r}: must end in .jsonl or .parquet")
+        if self.device not in DEVICE_KINDS:
+            raise ConfigError(f"device={self.device!r}: must be one of {'|'.join(DEVICE_KINDS)}")
 
 
 ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
@@ -52,8 +56,11 @@ def generate(cfg: GenerateConfig) -> float:
     from checkpoint_tools.pretrained import is_hf_dir
     from megatron_opd.data.gsm8k_score import score
     from megatron_opd.data.prompt_dataset import PromptDataset
+    from megatron_opd.models.builder import resolve_dtype
+    from megatron_opd.parallel import resolve_device
     from megatron_opd.rollout.embedded_engine import make_engine
     from megatron_opd.rollout.engine import SamplingParams
+    from megatron_opd.trainer.setup import model_dtype
 
     if not is_hf_dir(cfg.model.path):
         raise ConfigError(f"model.path={cfg.model.path}: not a Hugging Face checkpoint; convert a Megatron one "
@@ -64,7 +71,8 @@ def generate(cfg: GenerateConfig) -> float:
     r = cfg.rollout
     sampling = SamplingParams(max_new_tokens=r.response_length, temperature=r.temperature if cfg.do_sample else 0.0,
                               top_p=r.top_p, top_k=r.top_k, n=r.n, stop_token_ids=(tokenizer.eos_token_id,), seed=0)
-    engine = make_engine(r.engine, cfg.model.path, r.sglang)
+    engine = make_engine(r.engine, cfg.model.path, r.sglang, dtype=resolve_dtype(model_dtype(cfg.model, "model")),
+                         device=resolve_device(cfg.device))
     engine.start()
     try:
         started = time.perf_counter()

@@ -30,12 +30,13 @@ def startup_errors() -> tuple:
     from megatron_opd.data.schema import DataError
     from megatron_opd.models import UnsupportedArchitectureError
     from megatron_opd.parallel import DeviceError, ParallelConfigError
-    from megatron_opd.rollout.sglang_server import ServerStartError
+    from megatron_opd.rollout.sglang_server import SGLangConfigError, ServerStartError
     from megatron_opd.trainer.checkpoint import ResumeError
     from megatron_opd.trainer.config import ConfigError
 
     return (CheckpointFileError, ConfigError, DataConfigError, DataError, DeviceError, FileNotFoundError,
-            ParallelConfigError, ResumeError, ServerStartError, UnsupportedArchitectureError, WeightMismatchError)
+            ParallelConfigError, ResumeError, SGLangConfigError, ServerStartError, UnsupportedArchitectureError,
+            WeightMismatchError)
 
 
 def start(cfg: OPDConfig):

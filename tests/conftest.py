@@ -14,6 +14,9 @@ from megatron_opd.parallel.local_group import run_local  # noqa: E402
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads and fork() do not mix
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# GSM8K (MIT) as the workplace ships it, beside the checkout; its tests fail without it rather than skip.
+GSM8K_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                         "shared", "data", "gsm8k")
 # A hung collective fails the test after this long instead of hanging CI.
 WORKER_DEADLINE_S = float(os.environ.get("OPD_TEST_DEADLINE_S", 180))
 
@@ -21,6 +24,17 @@ WORKER_DEADLINE_S = float(os.environ.get("OPD_TEST_DEADLINE_S", 180))
 def run_distributed(fn, world_size, *args, timeout_s=WORKER_DEADLINE_S):
     """fn(rank, world_size, *args) on forked gloo workers; returns per-rank results."""
     return run_local(fn, world_size, *args, timeout_s=timeout_s)
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir():
+    """The real GSM8K files (train.jsonl, test.jsonl)."""
+    import pathlib
+
+    if not os.path.isfile(os.path.join(GSM8K_DIR, "test.jsonl")):
+        pytest.fail(f"GSM8K not found at {GSM8K_DIR}: these tests need ../shared/data/gsm8k beside the checkout "
+                    f"(train.jsonl and test.jsonl from openai/grade-school-math)", pytrace=False)
+    return pathlib.Path(GSM8K_DIR)
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +52,10 @@ def tiny_models(tmp_path_factory, tiny_tokenizer):
 
 
 SGLANG_STUB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sglang_stub")
+# The shared server busy-polls a core while it lives: it stops after the teardown of the last test using it.
+SGLANG_FIXTURES = {"sglang_engine", "sglang_student"}
+_LAST_SGLANG_TEST = pytest.StashKey[str]()
+_SHARED_SGLANG = pytest.StashKey[object]()
 
 
 def sglang_config(**overrides):
@@ -48,14 +66,31 @@ def sglang_config(**overrides):
                            "startup_timeout_s": 240, "request_timeout_s": 120, **overrides})
 
 
+@pytest.hookimpl(trylast=True)  # after deselection and any reordering: the items that will run, in order
+def pytest_collection_modifyitems(config, items):
+    users = [item.nodeid for item in items if SGLANG_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    if users:
+        config.stash[_LAST_SGLANG_TEST] = users[-1]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    if item.nodeid == item.config.stash.get(_LAST_SGLANG_TEST, None):
+        engine = item.config.stash.get(_SHARED_SGLANG, None)
+        if engine is not None:
+            engine.stop()
+
+
 @pytest.fixture(scope="session")
-def sglang_engine(tiny_models, tmp_path_factory):
+def sglang_engine(tiny_models, tmp_path_factory, pytestconfig):
     """One real SGLang server on the tiny Qwen2 student, shared by the rollout tests (~30 s to start)."""
     from megatron_opd.rollout.sglang_engine import SGLangEngine
 
     log = str(tmp_path_factory.mktemp("sglang") / "server.log")
     engine = SGLangEngine(tiny_models["qwen2"], sglang_config(log_path=log))
     engine.start()
+    pytestconfig.stash[_SHARED_SGLANG] = engine
     yield engine
     engine.stop()
 
@@ -63,7 +98,7 @@ def sglang_engine(tiny_models, tmp_path_factory):
 @pytest.fixture
 def sglang_student(sglang_engine, tiny_models):
     """The shared server, serving the tiny Qwen2 student's own weights again (tests before may have pushed
-    others), through the colocated route."""
+    others), through the tensor route."""
     from safetensors.torch import load_file
 
     original = load_file(os.path.join(tiny_models["qwen2"], "model.safetensors"))
@@ -81,8 +116,21 @@ def distill_setup(tmp_path_factory, tiny_tokenizer):
     paths = {"student": write_tiny_checkpoint(str(root / "student"), "qwen2", seed=1, tokenizer=tiny_tokenizer),
              "teacher": write_tiny_checkpoint(str(root / "teacher"), "qwen2", seed=2, tokenizer=tiny_tokenizer),
              "train": write_synthetic_parquet(str(root / "train.parquet"), 64, seed=0),
+             # One batch of prompts, drawn every step (data.shuffle=false): a curve over steps shows learning,
+             # not the luck of each step's prompts.
+             "fixed": write_synthetic_parquet(str(root / "fixed.parquet"), 4, seed=0),
              "test": write_synthetic_parquet(str(root / "test.parquet"), 8, seed=1, split="test")}
     return paths
+
+
+def fixed_data(setup):
+    """Overrides that train on the same 4 prompts every step."""
+    return [f"data.train_files={setup['fixed']}", "data.shuffle=false"]
+
+
+def mean_falls(curve, window: int, factor: float = 0.9) -> bool:
+    """The mean of the last `window` values is below `factor` x the mean of the first `window`."""
+    return sum(curve[-window:]) / window < factor * sum(curve[:window]) / window
 
 
 def distill_overrides(setup, save_dir, *extra):
@@ -94,16 +142,14 @@ def distill_overrides(setup, save_dir, *extra):
             *extra]
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """A real one-node SLURM cluster on this machine (tests/launch/local_slurm.py): slurm-wlm and munge are
-    installed with apt when missing (root), then a private munged, slurmctld and slurmd are started."""
+def _local_slurm(tmp_path_factory, nodes):
+    """A started cluster of `nodes` nodes, stopped after the session; a set-up error fails the test."""
     from tests.launch.local_slurm import LocalSlurm, SlurmSetupError, install_if_missing
 
     cluster = None
     try:
         install_s = install_if_missing()
-        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+        cluster = LocalSlurm(tmp_path_factory.mktemp(f"slurm-{nodes}-node"), nodes=nodes)
         cluster.install_s = install_s
         cluster.start()
     except SlurmSetupError as err:
@@ -111,6 +157,20 @@ def slurm_cluster(tmp_path_factory):
             cluster.stop()
         pytest.fail(f"local SLURM cluster: {err}", pytrace=False)
     installed = "already installed" if install_s is None else f"apt-get install {install_s:.0f} s"
-    print(f"local SLURM cluster: {installed}, started in {cluster.start_s:.1f} s ({cluster.conf})")
+    print(f"local SLURM cluster of {nodes} node(s): {installed}, started in {cluster.start_s:.1f} s ({cluster.conf})")
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node SLURM cluster on this machine (tests/launch/local_slurm.py): slurm-wlm and munge are
+    installed with apt when missing (root), then a private munged, slurmctld and slurmd are started."""
+    yield from _local_slurm(tmp_path_factory, nodes=1)
+
+
+@pytest.fixture(scope="session")
+def slurm_two_node_cluster(tmp_path_factory):
+    """Two simulated nodes on this machine, each its own `slurmd -N <node>` on its own port, both names in
+    /etc/hosts as 127.0.0.1 (root): jobs spanning them rendezvous across "nodes" as on a real cluster."""
+    yield from _local_slurm(tmp_path_factory, nodes=2)

@@ -2,8 +2,10 @@
 actionable here. Call before importing megatron.
 
 - CPU runs: TE/apex fallbacks, CUDA stream hints, "No CUDA runtime is found".
-- torch deprecations of APIs that megatron 0.19 still calls (a collective's name, DCP's ShardedTensor,
-  DCP's load argument order), and TransformerConfig's default CUDA-graph scope.
+- torch deprecations of APIs that megatron 0.19 still calls (collectives' names, DCP's ShardedTensor,
+  DCP's load argument order), TransformerConfig's default CUDA-graph scope, and the experimental notice of
+  megatron's MIMO config class (imported with megatron.core, never used here).
+- DDP's note that it computes the distributed optimizer's parameter layout itself (the documented fallback).
 - GPTModel's deprecation banner: GPTModel with the local/TE layer specs is the documented path in 0.19.
 - the async-save deprecation: checkpoints here are saved synchronously.
 - megatron's INFO lines (Hydra turns INFO on: they dump every optimizer field each run) and transformers'
@@ -17,10 +19,10 @@ _KNOWN_WARNINGS = (
     "Transformer Engine and Apex are not installed", "Apex is not installed", "absl.logging is not installed",
     "CUDA_DEVICE_MAX_CONNECTIONS", "all_gather_into_tensor` is deprecated", "deprecating ShardedTensor",
     "argument order of load has been changed", "assuming the intent is to load in a single process",
-    "full scope is deprecated",
+    "full scope is deprecated", "reduce_scatter_tensor` is deprecated", "MimoModelConfig is experimental",
 )
 _KNOWN_LOGGERS = ("megatron.core.models.gpt.gpt_model", "megatron.core.dist_checkpointing.strategies.torch",
-                  "torch.utils.cpp_extension")
+                  "megatron.core.distributed.distributed_data_parallel", "torch.utils.cpp_extension")
 
 
 def quiet_known_messages() -> None:

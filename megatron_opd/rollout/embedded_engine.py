@@ -1,6 +1,6 @@
 """The embedded engine: in-process, KV-cached generation with transformers on the student's current
-weights (pushed as HF-named tensors, like SGLang's weight sync). The default on a CPU machine without
-SGLang; same interface and output fields as the SGLang engine."""
+weights (pushed as HF-named tensors, like SGLang's weight sync), on the run's device. The default on a
+CPU machine without SGLang; same interface and output fields as the SGLang engine."""
 from typing import Iterable, Optional
 
 import torch
@@ -9,15 +9,16 @@ from megatron_opd.rollout.engine import RolloutEngine, RolloutError, Sample, Sam
 
 
 class EmbeddedEngine(RolloutEngine):
-    def __init__(self, model_path: str, dtype: torch.dtype = torch.float32, max_batch: int = 64):
-        self.model_path, self.dtype, self.max_batch = model_path, dtype, max_batch
+    def __init__(self, model_path: str, dtype: torch.dtype = torch.float32, max_batch: int = 64,
+                 device: torch.device = torch.device("cpu")):
+        self.model_path, self.dtype, self.max_batch, self.device = model_path, dtype, max_batch, device
         self.model = None
         self.weight_version = 0
 
     def start(self) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype).to(self.device).eval()
         config = self.model.generation_config
         eos = config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -57,8 +58,8 @@ class EmbeddedEngine(RolloutEngine):
     def _generate_batch(self, rows: list[list[int]], sampling: SamplingParams) -> list[Sample]:
         width = max(map(len, rows))
         # Left padding: every row's next token is predicted at the same position.
-        input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows])
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         greedy = sampling.temperature == 0
         stop_ids = sorted(self.eos_ids | set(sampling.stop_token_ids))
         out = self.model.generate(
@@ -86,8 +87,9 @@ class EmbeddedEngine(RolloutEngine):
     def score(self, sequences: list[list[int]], top_k: int = 0) -> list[ScoredSequence]:
         scored = []
         for seq in sequences:
-            logprobs = self.model(torch.tensor([seq])).logits[0, :-1].float().log_softmax(-1)  # [s-1, V]
-            result = ScoredSequence(token_logprobs=logprobs.gather(-1, torch.tensor(seq[1:])[:, None])[:, 0].tolist())
+            logprobs = self.model(torch.tensor([seq], device=self.device)).logits[0, :-1].float().log_softmax(-1)
+            targets = torch.tensor(seq[1:], device=self.device)[:, None]  # [s-1, 1]
+            result = ScoredSequence(token_logprobs=logprobs.gather(-1, targets)[:, 0].tolist())
             if top_k:
                 values, ids = logprobs.topk(top_k, dim=-1)
                 result.top_ids, result.top_logprobs = ids.tolist(), values.tolist()
@@ -95,13 +97,14 @@ class EmbeddedEngine(RolloutEngine):
         return scored
 
 
-def make_engine(kind: str, model_path: str, sglang_config=None, dtype: Optional[torch.dtype] = None) -> RolloutEngine:
-    """`rollout.engine`: local (embedded) or sglang."""
+def make_engine(kind: str, model_path: str, sglang_config=None, dtype: Optional[torch.dtype] = None,
+                device: torch.device = torch.device("cpu")) -> RolloutEngine:
+    """`rollout.engine`: local (embedded) or sglang, on the run's `device`."""
     if kind == "local":
-        return EmbeddedEngine(model_path, dtype=dtype or torch.float32)
+        return EmbeddedEngine(model_path, dtype=dtype or torch.float32, device=device)
     if kind == "sglang":
         from megatron_opd.rollout.sglang_engine import SGLangEngine
         from megatron_opd.rollout.sglang_server import SGLangConfig
 
-        return SGLangEngine(model_path, sglang_config or SGLangConfig())
+        return SGLangEngine(model_path, sglang_config or SGLangConfig(), device)
     raise ValueError(f"rollout.engine={kind!r}: one of local|sglang")

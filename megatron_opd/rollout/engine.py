@@ -76,6 +76,15 @@ class RolloutEngine(abc.ABC):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Load HF-named tensors (a full model, streamed) and call the result `version`."""
 
+    def sleep(self) -> None:
+        """Give up the accelerator memory the engine holds, for the trainer's update. The trainer calls it once
+        a step's rollouts are generated and scored, before its forward/backward/optimizer step. Nothing to do
+        unless the engine shares the trainer's GPUs; anything that needs the memory takes it back."""
+
+    def wake_up(self) -> None:
+        """Take the memory back. The trainer calls it after pushing the step's new weights (update_weights,
+        which brings back only what loading them needs), before the next generate or score."""
+
     def __enter__(self):
         self.start()
         return self

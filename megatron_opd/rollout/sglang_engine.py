@@ -1,11 +1,12 @@
 """The SGLang engine: student rollouts and teacher scoring over SGLang's HTTP API, weight sync after
 every optimizer step, and recovery from a server that dies or stops answering (restart it, restore the
-current weights, retry the interrupted batch a bounded number of times)."""
+current weights, retry the interrupted batch a bounded number of times). A server colocated with the
+trainer on its GPUs frees their memory while the trainer updates the model (sleep/wake_up)."""
 import logging
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import requests
 import torch
@@ -18,23 +19,39 @@ from megatron_opd.rollout.sglang_server import SGLangConfig, SGLangServer
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _SERVER_GONE = (requests.ConnectionError, requests.Timeout, ConnectionError)
+# SGLang 0.5.23's memory regions (sglang.srt.constants.GPU_MEMORY_ALL_TYPES).
+WEIGHTS = "weights"
+MEMORY_TAGS = (WEIGHTS, "kv_cache", "cuda_graph")
+
+
+def _copied_to_host(named_tensors: Iterable[tuple[str, torch.Tensor]], copies: list) -> Iterator:
+    """Pass the stream on unchanged, keeping a host-memory copy of each tensor in `copies`."""
+    for name, tensor in named_tensors:
+        copies.append((name, tensor.detach().to("cpu", copy=True)))
+        yield name, tensor
 
 
 class SGLangEngine(RolloutEngine):
-    def __init__(self, model_path: str, config: SGLangConfig, keep_snapshot: bool = True):
-        self.model_path, self.config = model_path, config
-        self.server = SGLangServer(model_path, config)
+    def __init__(self, model_path: str, config: SGLangConfig, device: torch.device = torch.device("cpu"),
+                 keep_snapshot: Optional[bool] = None):
+        if config.weight_sync == "distributed":
+            weight_sync.DistributedSync.check_placement(device, config.base_gpu_id, config.tensor_parallel)
+        self.model_path, self.config, self.device = model_path, config, device
+        self.server = SGLangServer(model_path, config, device)
         self.weight_version = 0
         self.restarts = 0
-        # The last pushed weights, to restore a restarted server (one model copy in host memory).
-        self.keep_snapshot = keep_snapshot
+        # The last pushed weights in host memory, to restore a restarted server: never a second model on the GPU.
+        self.keep_snapshot = config.keep_snapshot if keep_snapshot is None else keep_snapshot
         self._snapshot: list[tuple[str, torch.Tensor]] = []
+        self._restorable = True  # a restarted server can be given the current weights (at first: its own)
+        self._released: list[str] = []  # memory regions the server has given up, in MEMORY_TAGS order
         self._distributed = None
         self._sync_dir = None
         self._pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="sglang-request")
 
     def start(self) -> None:
         self.server.start()
+        self._released = []
         # A fresh server calls its weights "default"; name them by our version so responses can be checked.
         weight_sync.post(self.server.url, "/update_weight_version", {"new_version": str(self.weight_version)},
                          self.config.request_timeout_s)
@@ -47,6 +64,42 @@ class SGLangEngine(RolloutEngine):
 
     def healthy(self) -> bool:
         return self.server.healthy()
+
+    @property
+    def releases_memory(self) -> bool:
+        # A CPU server has no memory saver: /release_memory_occupation kills it.
+        return self.config.colocated and self.device.type == "cuda"
+
+    def sleep(self) -> None:
+        if not self.releases_memory or self._released:
+            return
+
+        def release():
+            weight_sync.post(self.server.url, "/release_memory_occupation", {"tags": list(MEMORY_TAGS)},
+                             self.config.request_timeout_s)
+            self._released = list(MEMORY_TAGS)
+
+        self._with_recovery("sleep", release)
+
+    def wake_up(self) -> None:
+        weights_lost = WEIGHTS in self._released  # released memory comes back uninitialised
+        self._resume(MEMORY_TAGS)
+        if weights_lost:  # nothing was pushed since sleep(): give the server the current weights again
+            if not self._snapshot:
+                raise RolloutError("the SGLang server was woken without a weight push since sleep() and there is no "
+                                   "host copy to restore (rollout.sglang.keep_snapshot=false, or nothing pushed yet): "
+                                   "push the weights (update_weights) before generating")
+            self._with_recovery("weight restore", lambda: self._push(self._snapshot, self.weight_version))
+
+    def _resume(self, wanted: tuple[str, ...]) -> None:
+        def resume():
+            tags = [tag for tag in self._released if tag in wanted]  # none after a restart: all memory is back
+            if tags:
+                weight_sync.post(self.server.url, "/resume_memory_occupation", {"tags": tags},
+                                 self.config.request_timeout_s)
+                self._released = [tag for tag in self._released if tag not in tags]
+
+        self._with_recovery("wake-up", resume)
 
     def _post(self, body: dict) -> dict:
         return weight_sync.post(self.server.url, "/generate", body, self.config.request_timeout_s)
@@ -70,10 +123,14 @@ class SGLangEngine(RolloutEngine):
         self.server.stop()
         self.start()
         self.restarts += 1
+        if not self._restorable:
+            raise RolloutError("the SGLang server was restarted, but rollout.sglang.keep_snapshot=false keeps no "
+                               "copy of the current weights to give it: set keep_snapshot=true to recover")
         if self._snapshot:
             self._push(self._snapshot, self.weight_version)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Sample]:
+        self.wake_up()
         bodies = []
         for i, prompt in enumerate(prompts):
             for j in range(sampling.n):
@@ -99,6 +156,7 @@ class SGLangEngine(RolloutEngine):
                       finish_reason=meta["finish_reason"]["type"], weight_version=self.weight_version)
 
     def score(self, sequences: list[list[int]], top_k: int = 0) -> list[ScoredSequence]:
+        self.wake_up()
         bodies = [{"input_ids": list(seq), "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
                    "return_logprob": True, "logprob_start_len": 0, **({"top_logprobs_num": top_k} if top_k else {})}
                   for seq in sequences]
@@ -115,25 +173,44 @@ class SGLangEngine(RolloutEngine):
         return scored
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        if self.keep_snapshot:
-            named_tensors = self._snapshot = [(name, tensor.detach().clone()) for name, tensor in named_tensors]
-        self._with_recovery("weight sync", lambda: self._push(named_tensors, version))
+        """Streams the tensors to the server as they come (on the GPU: straight from the trainer's memory) and,
+        with keep_snapshot, copies them to host memory on the way. A push that a lost server interrupts is
+        repeated from that copy once the stream has been read to its end."""
+        self._resume((WEIGHTS,))  # the KV cache stays released while the weights arrive: a lower peak
+        snapshot = [] if self.keep_snapshot else None
+        stream = iter(named_tensors if snapshot is None else _copied_to_host(named_tensors, snapshot))
+        self._snapshot = []  # superseded: a restart during this push must not restore the old weights
+        first_try = [stream]
+
+        def push():
+            if first_try:
+                return self._push(first_try.pop(), version)
+            if snapshot is None:
+                raise RolloutError("a weight push was interrupted and rollout.sglang.keep_snapshot=false keeps "
+                                   "no copy to repeat it from; set keep_snapshot=true to recover")
+            for _ in stream:  # the host copy gets the tensors the interrupted push never read
+                pass
+            return self._push(snapshot, version)
+
+        self._with_recovery("weight sync", push)
+        self._snapshot, self._restorable = snapshot or [], snapshot is not None
         self.weight_version = version
 
     def _push(self, named_tensors, version: int) -> None:
         cfg, url, tag = self.config, self.server.url, str(version)
         if cfg.weight_sync == "tensor":
             weight_sync.sync_from_tensor(url, named_tensors, tag, cfg.bucket_bytes, cfg.request_timeout_s,
-                                         cfg.tensor_parallel)
+                                         cfg.tensor_parallel, self.device)
         elif cfg.weight_sync == "distributed":
             if self._distributed is None:
+                weight_sync.DistributedSync.check_placement(self.device, cfg.base_gpu_id, cfg.tensor_parallel)
                 self._distributed = weight_sync.DistributedSync(url, cfg.tensor_parallel, cfg.request_timeout_s,
-                                                                group_name=f"opd_weight_sync_{self.restarts}")
+                                                                f"opd_weight_sync_{self.restarts}", self.device)
             self._distributed.sync(named_tensors, tag, cfg.bucket_bytes)
         else:
             self._sync_dir = self._sync_dir or tempfile.mkdtemp(prefix="opd_weight_sync_")
             weight_sync.sync_from_disk(url, named_tensors, tag, os.path.join(self._sync_dir, "current"),
                                        self.model_path, cfg.request_timeout_s)
-        served = self._post({"input_ids": [0], "sampling_params": {"max_new_tokens": 0}})["meta_info"]["weight_version"]
+        served = weight_sync.served_version(url, cfg.request_timeout_s)
         if served != tag:
             raise RolloutError(f"after the weight sync the server reports version {served!r}, expected {tag!r}")

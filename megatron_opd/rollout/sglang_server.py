@@ -1,5 +1,7 @@
-"""An SGLang server as a child process: launch with a free port, wait for health with a deadline (showing
-the log tail when start-up fails), stop, and tell whether it is still alive."""
+"""An SGLang server as a child process on the run's device: launch with a free port, wait for health with a
+deadline (showing the log tail when start-up fails), stop, tell whether it is still alive. The server dies
+with the process that started it, even when that process is SIGKILLed."""
+import functools
 import os
 import subprocess
 import sys
@@ -11,8 +13,17 @@ import requests
 import torch
 
 from megatron_opd.parallel import free_port
+from megatron_opd.parallel.lifetime import die_with_parent
 
 SGLANG_VERSION = "0.5.23"
+WEIGHT_SYNC_ROUTES = ("tensor", "distributed", "disk")
+# Without a cap a CPU server reserves most of the host memory for its KV cache; on a GPU,
+# mem_fraction_static sizes it.
+CPU_MAX_TOTAL_TOKENS = 8192
+
+
+class SGLangConfigError(ValueError):
+    """A `rollout.sglang.*` value that cannot work; the message names the key."""
 
 
 @dataclass
@@ -22,22 +33,45 @@ class SGLangConfig:
     host: str = "127.0.0.1"
     port: Optional[int] = None  # None: a free port
     dtype: str = "auto"
-    max_total_tokens: Optional[int] = 8192  # without it SGLang reserves most of the memory it can see
+    max_total_tokens: Optional[int] = None  # None: CPU_MAX_TOTAL_TOKENS on a CPU, SGLang's own sizing on a GPU
+    # GPU only: the server uses GPUs base_gpu_id .. base_gpu_id + tensor_parallel - 1, numbered as the trainer
+    # sees them (the server inherits CUDA_VISIBLE_DEVICES, so CUDA IPC handles name the same GPUs on both sides).
+    base_gpu_id: int = 0
+    # The share of each server GPU for weights + KV cache (SGLang's --mem-fraction-static); None: SGLang's
+    # choice, which assumes the GPUs are the server's alone.
     mem_fraction_static: Optional[float] = None
+    # GPU only: the server shares its GPUs with the trainer and frees their memory during the trainer's update
+    # (SGLang's memory saver, which needs `pip install torch-memory-saver`). Ignored on a CPU.
+    colocated: bool = False
     max_running_requests: Optional[int] = None
     extra_args: list[str] = field(default_factory=list)
     pythonpath: list[str] = field(default_factory=list)  # prepended to the server's PYTHONPATH only
     startup_timeout_s: float = 300.0
     request_timeout_s: float = 300.0
     log_path: Optional[str] = None
-    weight_sync: str = "tensor"  # tensor (colocated) | distributed | disk
+    weight_sync: str = "tensor"  # tensor (same node) | distributed | disk
     bucket_bytes: int = 512 * 2**20
+    keep_snapshot: bool = True  # a host-memory copy of the pushed weights, to restore a restarted server
     max_retries: int = 2
     concurrency: int = 8
 
     def __post_init__(self):
-        if self.weight_sync not in ("tensor", "distributed", "disk"):
-            raise ValueError(f"rollout.sglang.weight_sync={self.weight_sync!r}: one of tensor|distributed|disk")
+        checks = (
+            ("weight_sync", self.weight_sync in WEIGHT_SYNC_ROUTES, f"must be one of {'|'.join(WEIGHT_SYNC_ROUTES)}"),
+            ("tensor_parallel", self.tensor_parallel >= 1, "must be >= 1 (GPUs per server)"),
+            ("base_gpu_id", self.base_gpu_id >= 0, "must be >= 0 (the index of the server's first GPU)"),
+            ("mem_fraction_static", self.mem_fraction_static is None or 0 < self.mem_fraction_static < 1,
+             "must be null or in (0, 1): the share of each server GPU for weights and KV cache"),
+            ("max_total_tokens", self.max_total_tokens is None or self.max_total_tokens >= 1, "must be null or >= 1"),
+            ("bucket_bytes", self.bucket_bytes >= 1, "must be >= 1 (bytes per weight-sync bucket)"),
+            ("max_retries", self.max_retries >= 0, "must be >= 0"),
+            ("concurrency", self.concurrency >= 1, "must be >= 1 (requests in flight)"),
+            ("startup_timeout_s", self.startup_timeout_s > 0, "must be > 0"),
+            ("request_timeout_s", self.request_timeout_s > 0, "must be > 0"),
+        )
+        for key, ok, need in checks:
+            if not ok:
+                raise SGLangConfigError(f"rollout.sglang.{key}={getattr(self, key)!r}: {need}")
 
 
 class ServerStartError(RuntimeError):
@@ -45,8 +79,8 @@ class ServerStartError(RuntimeError):
 
 
 class SGLangServer:
-    def __init__(self, model_path: str, config: SGLangConfig):
-        self.model_path, self.config = model_path, config
+    def __init__(self, model_path: str, config: SGLangConfig, device: torch.device = torch.device("cpu")):
+        self.model_path, self.config, self.device = model_path, config, device
         self.process: Optional[subprocess.Popen] = None
         self.port = config.port
         self.log_path = config.log_path or os.path.join(model_path, "sglang_server.log")
@@ -55,14 +89,25 @@ class SGLangServer:
     def url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
     def command(self) -> list[str]:
         cfg = self.config
         cmd = [cfg.python, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", cfg.host,
                "--port", str(self.port), "--tp-size", str(cfg.tensor_parallel), "--dtype", cfg.dtype,
                "--skip-server-warmup"]
-        if not torch.cuda.is_available():
+        max_total_tokens = cfg.max_total_tokens
+        if self.on_gpu:
+            cmd += ["--device", "cuda", "--base-gpu-id", str(cfg.base_gpu_id)]
+            if cfg.colocated:
+                cmd += ["--enable-memory-saver"]  # without it /release_memory_occupation frees nothing
+        else:
             cmd += ["--device", "cpu", "--attention-backend", "torch_native"]
-        for flag, value in (("--max-total-tokens", cfg.max_total_tokens), ("--mem-fraction-static", cfg.mem_fraction_static),
+            max_total_tokens = max_total_tokens or CPU_MAX_TOTAL_TOKENS
+        for flag, value in (("--max-total-tokens", max_total_tokens),
+                            ("--mem-fraction-static", cfg.mem_fraction_static),
                             ("--max-running-requests", cfg.max_running_requests)):
             if value is not None:
                 cmd += [flag, str(value)]
@@ -70,19 +115,23 @@ class SGLangServer:
 
     def _env(self) -> dict:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
-        if not torch.cuda.is_available():
+        if not self.on_gpu:
             env["SGLANG_USE_CPU_ENGINE"] = "1"
         if self.config.pythonpath:
             env["PYTHONPATH"] = os.pathsep.join([*self.config.pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         return env
 
     def start(self) -> None:
+        """Launch and wait until healthy. The server is SIGKILLed when the thread that calls this ends (Linux's
+        parent-death signal follows the forking thread): call it from one that lives as long as the run, as
+        the trainer's main thread does. SGLang's scheduler and detokenizer arm the same signal on the server."""
         if self.config.port is None:
             self.port = free_port()
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self._env(),
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            preexec_fn=functools.partial(die_with_parent, os.getpid()))
         self._wait_healthy()
 
     def _wait_healthy(self) -> None:

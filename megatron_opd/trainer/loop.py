@@ -144,11 +144,15 @@ class Trainer:
         gen_s = time.perf_counter() - started
         batch = build_batch([p for p, _ in samples], [r for _, r in samples], run.pad_id, run.dims.device,
                             cfg.parallel.sequence_multiple)
+        if run.engine is not None:  # a colocated SGLang server frees its GPU memory for the update
+            run.engine.sleep()
         update_started = time.perf_counter()
         update_metrics, teacher_s = self.update(batch)
         update_s = time.perf_counter() - update_started - teacher_s
         sync_started = time.perf_counter()
         run.sync_engine(step + 1)
+        if run.engine is not None:
+            run.engine.wake_up()
         sync_s = time.perf_counter() - sync_started
         metrics.update(update_metrics)
         if cfg.trainer.mode == "distill":

@@ -1,4 +1,4 @@
-"""Shared by the launch tests: the tiny run's overrides at world size 2, the python the jobs should use,
+"""Shared by the launch tests: the tiny run's overrides for two processes, the python the jobs should use,
 metrics reading, waiting with a deadline."""
 import json
 import sys
@@ -10,12 +10,15 @@ from tests.conftest import distill_overrides
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tiny_overrides(setup, *extra, save_dir=None) -> list[str]:
-    """The tiny distillation run at TP=2 (two processes); no trainer.save_dir unless given."""
+def tiny_overrides(setup, *extra, save_dir=None, tensor_parallel=True) -> list[str]:
+    """The tiny distillation run for two processes: TP=2, or with tensor_parallel=False no parallel.* key at
+    all (the trainer makes them DP=2); no trainer.save_dir unless given."""
     args = [a for a in distill_overrides(setup, "unused") if not a.startswith("trainer.save_dir=")]
     if save_dir is not None:
         args.append(f"trainer.save_dir={save_dir}")
-    return [*args, "parallel.tensor=2", *extra]
+    if tensor_parallel:
+        args.append("parallel.tensor=2")
+    return [*args, *extra]
 
 
 def python_env() -> dict:
@@ -25,10 +28,15 @@ def python_env() -> dict:
     return {"OPD_PYTHON": sys.executable}
 
 
-def metric_steps(metrics: Path) -> list[int]:
+def metric_values(metrics: Path, key: str) -> list:
+    """`key` of every line of a metrics.jsonl, in order (none while the file does not exist)."""
     if not metrics.exists():
         return []
-    return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+    return [json.loads(line)[key] for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def metric_steps(metrics: Path) -> list[int]:
+    return metric_values(metrics, "step")
 
 
 def wait_until(condition, timeout_s: float, what: str, details=lambda: "") -> None:

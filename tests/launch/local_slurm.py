@@ -1,9 +1,14 @@
-"""A real one-node SLURM cluster on the test machine: Debian's slurm-wlm and munge (installed with apt when
-missing), a private munge daemon and key, a slurm.conf describing this machine, slurmctld and slurmd on
-free ports. Nothing of the machine's own SLURM or munge (if any) is used or touched.
+"""A real SLURM cluster on the test machine: Debian's slurm-wlm and munge (installed with apt when missing),
+a private munge daemon and key, a slurm.conf describing this machine, slurmctld and one `slurmd -N <node>`
+per node on free ports. Nothing of the machine's own SLURM or munge (if any) is used or touched.
 
-The set-up needs root (slurmd runs jobs as their user) and, when the packages are missing, Debian's
-repositories. It fails with a message saying what is missing instead of skipping.
+One node is this machine under its own host name. More nodes are simulated: each has its own slurmd, port,
+spool directory, pid and log file, all on 127.0.0.1, under names that /etc/hosts maps to 127.0.0.1 (added
+there once and left: they name nothing else, and another test run's cluster may be using them), so a job
+spanning them crosses "nodes" as on a real cluster: one srun task and one torchrun per node.
+
+The set-up needs root (slurmd runs jobs as their user; /etc/hosts) and, when the packages are missing,
+Debian's repositories. It fails with a message saying what is missing instead of skipping.
 """
 import os
 import shutil
@@ -20,6 +25,10 @@ PACKAGES = ("slurm-wlm", "munge")
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "scancel")
 START_TIMEOUT_S = 60
+LOOPBACK = "127.0.0.1"
+HOSTS_FILE = Path("/etc/hosts")
+# Names of simulated nodes: opd-node0, opd-node1, ...
+SIMULATED_NODE_PREFIX = "opd-node"
 
 
 class SlurmSetupError(RuntimeError):
@@ -62,10 +71,57 @@ def install_if_missing() -> Optional[float]:
     return time.monotonic() - started
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct ports: every socket stays bound until all are chosen."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _resolves_to_loopback(name: str) -> bool:
+    try:
+        return socket.gethostbyname(name) == LOOPBACK
+    except OSError:
+        return False
+
+
+def _hosts_file_addresses() -> dict[str, str]:
+    """name -> address in /etc/hosts, the first line naming it winning (as in glibc)."""
+    addresses: dict[str, str] = {}
+    for line in HOSTS_FILE.read_text().splitlines():
+        address, *names = line.split("#", 1)[0].split() or [""]
+        for name in names:
+            addresses.setdefault(name, address)
+    return addresses
+
+
+def map_to_loopback(names: list[str]) -> None:
+    """Make each name resolve to 127.0.0.1 through /etc/hosts (read, not resolved: a name it lacks would go
+    to the DNS servers), adding one line for those it lacks."""
+    addresses = _hosts_file_addresses()
+    elsewhere = {name: addresses[name] for name in names if addresses.get(name, LOOPBACK) != LOOPBACK}
+    if elsewhere:
+        raise SlurmSetupError(f"{HOSTS_FILE} maps the simulated nodes' names to other addresses {elsewhere}: "
+                              f"remove those entries (the simulated nodes are all on {LOOPBACK})")
+    missing = [name for name in names if name not in addresses]
+    if not missing:
+        return
+    line = f"{LOOPBACK} {' '.join(missing)}"
+    if os.geteuid() != 0:
+        raise SlurmSetupError(f"the simulated nodes' names {missing} are not in {HOSTS_FILE} and the tests are "
+                              f"not root, so they cannot add them: add the line `{line}` to {HOSTS_FILE}")
+    ends_a_line = HOSTS_FILE.read_text().endswith("\n")
+    with HOSTS_FILE.open("a") as hosts:  # appended in place: a container's /etc/hosts may be a mount
+        hosts.write(("" if ends_a_line else "\n") + line + "\n")
+    unresolved = [name for name in missing if not _resolves_to_loopback(name)]
+    if unresolved:
+        raise SlurmSetupError(f"added `{line}` to {HOSTS_FILE}, but {unresolved} do not resolve to {LOOPBACK} "
+                              f"(does /etc/nsswitch.conf list `files` first for hosts?)")
 
 
 def _memory_mb() -> int:
@@ -75,14 +131,18 @@ def _memory_mb() -> int:
 
 
 class LocalSlurm:
-    """start() / stop(); env() is the environment for sbatch & co. (SLURM_CONF points at this cluster)."""
+    """start() / stop(); env() is the environment for sbatch & co. (SLURM_CONF points at this cluster).
+    `nodes`: 1 (this machine under its host name) or more (simulated nodes, see the module's docstring)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, nodes: int = 1):
+        if nodes < 1:
+            raise SlurmSetupError(f"a cluster needs at least one node, not {nodes}")
         self.root = Path(root)
         # A unix socket path must stay under ~108 bytes, whatever the test's temp directory is.
         self.munge_dir = Path(tempfile.mkdtemp(prefix="opd-munge-", dir="/tmp"))
         self.conf = self.root / "slurm.conf"
         self.host = socket.gethostname().split(".")[0]
+        self.nodes = [self.host] if nodes == 1 else [f"{SIMULATED_NODE_PREFIX}{i}" for i in range(nodes)]
         self.job_env: dict[str, str] = {}
         self.start_s: Optional[float] = None
         self.install_s: Optional[float] = None
@@ -104,27 +164,34 @@ class LocalSlurm:
                                   f"{self.logs()}")
         return done
 
+    def _slurmd_file(self, node: str, suffix: str) -> Path:
+        return self.root / f"slurmd-{node}.{suffix}"
+
     def logs(self) -> str:
-        return "\n".join(f"--- {name} (last lines)\n{_tail(self.root / name)}"
-                         for name in ("slurmctld.log", "slurmd.log")) + \
-            f"\n--- munged.log\n{_tail(self.munge_dir / 'munged.log')}"
+        logs = [self.root / "slurmctld.log", *(self._slurmd_file(node, "log") for node in self.nodes),
+                self.munge_dir / "munged.log"]
+        return "\n".join(f"--- {path.name} (last lines)\n{_tail(path)}" for path in logs)
 
     def _write_conf(self) -> None:
-        for sub in ("state", "spool"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        (self.root / "state").mkdir(parents=True, exist_ok=True)
+        for node in self.nodes:
+            (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
         r = self.root
+        ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
         self.conf.write_text("\n".join([
             "ClusterName=opdtest",
             # The address in brackets spares slurm a DNS lookup of this machine.
-            f"SlurmctldHost={self.host}(127.0.0.1)",
+            f"SlurmctldHost={self.host}({LOOPBACK})",
             "SlurmUser=root", "SlurmdUser=root",
-            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+            # Each node's own port is on its NodeName line.
+            f"SlurmctldPort={ctld_port}",
             "AuthType=auth/munge", "CredType=cred/munge",
             # cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
             f"AuthInfo=socket={self.munge_dir / 'munge.sock'},cred_expire=5",
-            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
-            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
-            f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={r / 'slurmd.log'}",
+            # slurmd replaces %n by its node name (-N): each node its own spool directory, pid and log file.
+            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool' / '%n'}",
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={self._slurmd_file('%n', 'pid')}",
+            f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={self._slurmd_file('%n', 'log')}",
             # No cgroups: they are often unavailable in containers and not needed here.
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
@@ -139,9 +206,10 @@ class LocalSlurm:
             "MinJobAge=600",
             # Trust this file over slurmd's hardware probe (a container's CPU count may differ).
             "SlurmdParameters=config_overrides",
-            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={_memory_mb()} "
-            f"State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+            # Simulated nodes each claim the whole machine, as the nodes of a real cluster each have their own.
+            *(f"NodeName={node} NodeAddr={LOOPBACK} Port={port} CPUs={os.cpu_count()} "
+              f"RealMemory={_memory_mb()} State=UNKNOWN" for node, port in zip(self.nodes, node_ports)),
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n")
 
     def start(self) -> None:
@@ -157,22 +225,26 @@ class LocalSlurm:
                   f"--pid-file={m / 'munged.pid'}", f"--log-file={m / 'munged.log'}",
                   f"--seed-file={m / 'munged.seed'}")
         self._write_conf()
-        try:
-            socket.gethostbyname(self.host)
-        except OSError:  # torchrun's rendezvous would look the first node's name up
-            self.job_env["OPD_MASTER_ADDR"] = "127.0.0.1"
+        if len(self.nodes) > 1:  # torchrun's rendezvous looks the first node's name up
+            map_to_loopback(self.nodes)
+        else:
+            try:
+                socket.gethostbyname(self.host)
+            except OSError:
+                self.job_env["OPD_MASTER_ADDR"] = LOOPBACK
         self._run("slurmctld", "-c")
-        self._run("slurmd")
+        for node in self.nodes:
+            self._run("slurmd", "-N", node)
         deadline = time.monotonic() + START_TIMEOUT_S
-        state = ""
+        states = []
         while time.monotonic() < deadline:
-            state = self._run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
-            if state == "idle":
+            states = self._run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+            if states == ["idle"] * len(self.nodes):
                 self.start_s = time.monotonic() - started
                 return
             time.sleep(0.2)
-        raise SlurmSetupError(f"the node is not idle after {START_TIMEOUT_S} s (sinfo says {state!r})\n"
-                              f"{self.logs()}")
+        raise SlurmSetupError(f"the nodes {self.nodes} are not all idle after {START_TIMEOUT_S} s (sinfo says "
+                              f"{states})\n{self.logs()}")
 
     def stop(self) -> None:
         if self.conf.exists():
@@ -180,7 +252,8 @@ class LocalSlurm:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and self._run("squeue", "-h", check=False).stdout.strip():
                 time.sleep(0.5)
-        _kill_from_pid_files([self.root / "slurmd.pid", self.root / "slurmctld.pid", self.munge_dir / "munged.pid"])
+        _kill_from_pid_files([*(self._slurmd_file(node, "pid") for node in self.nodes), self.root / "slurmctld.pid",
+                              self.munge_dir / "munged.pid"])
         shutil.rmtree(self.munge_dir, ignore_errors=True)
 
 

@@ -5,44 +5,11 @@ import re
 import subprocess
 import time
 
-from tests.launch.helpers import REPO, metric_steps, python_env, tail, tiny_overrides, wait_until
+from tests.launch.helpers import REPO, metric_steps, tail, tiny_overrides, wait_until
+from tests.launch.slurm_jobs import DISTILL_SCRIPT, FINAL_STATES, job_env, job_info, job_log, submit, wait_job
 
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
+PROCS_PER_NODE = 2
 PREEMPT_STEPS = 24  # ~0.45 s a step at TP=2 on 2 cores: both stop requests land well before the end
-
-
-def job_env(cluster, from_repo=False):
-    """Submitted from the repo root, the script finds the repo (and its .venv) by itself."""
-    return cluster.env(OPD_PROCS_PER_NODE="2", **({} if from_repo else {"OPD_REPO": str(REPO)}), **python_env())
-
-
-def submit(cluster, cwd, args, *options) -> str:
-    """sbatch from `cwd` (the submit directory: default log and run directory go there)."""
-    done = subprocess.run([cluster.program("sbatch"), "--parsable", "--gpus-per-node=0", *options,
-                           str(REPO / "launch" / "distill.sh"), *args],
-                          cwd=cwd, env=job_env(cluster), capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, f"sbatch failed: {done.stdout}{done.stderr}"
-    return done.stdout.strip().split(";")[0]
-
-
-def job_info(cluster, job_id) -> dict:
-    out = subprocess.run([cluster.program("scontrol"), "show", "job", "-o", job_id], env=cluster.env(),
-                         capture_output=True, text=True, timeout=30).stdout
-    found = {key: re.search(rf"\b{key}=(\S+)", out) for key in ("JobState", "Restarts", "ExitCode", "RunTime")}
-    return {key: match.group(1) if match else None for key, match in found.items()}
-
-
-def wait_job(cluster, job_id, log, timeout_s=300) -> dict:
-    info = {}
-
-    def finished():
-        info.update(job_info(cluster, job_id))
-        return info["JobState"] in FINAL_STATES
-
-    wait_until(finished, timeout_s, f"job {job_id} to finish (last seen {info})",
-               lambda: tail(log) + "\n" + cluster.logs())
-    return info
 
 
 def test_sbatch_wait_runs_two_processes_to_the_end(slurm_cluster, distill_setup, tmp_path):
@@ -52,8 +19,8 @@ def test_sbatch_wait_runs_two_processes_to_the_end(slurm_cluster, distill_setup,
     done = subprocess.run([slurm_cluster.program("sbatch"), "--wait", "--gpus-per-node=0",
                            f"--output={tmp_path}/%x-%j.log", "launch/distill.sh",
                            *tiny_overrides(distill_setup, save_dir=save)],
-                          cwd=REPO, env=job_env(slurm_cluster, from_repo=True), capture_output=True, text=True,
-                          timeout=400)
+                          cwd=REPO, env=job_env(slurm_cluster, PROCS_PER_NODE, from_repo=True), capture_output=True,
+                          text=True, timeout=400)
     logs = list(tmp_path.glob("opd-distill-*.log"))
     log_text = tail(logs[0]) if logs else "(no job log)"
     assert done.returncode == 0, f"sbatch --wait: exit {done.returncode}\n{done.stdout}{done.stderr}\n{log_text}"
@@ -71,9 +38,10 @@ def test_preempted_twice_resumes_and_finishes_every_step_once(slurm_cluster, dis
     SIGTERM, SIGKILL after KillWait=30 s, and requeues it). Each time a checkpoint after the step in flight,
     a restart that resumes from it, and at the end every step's metrics line exactly once."""
     cluster = slurm_cluster
-    job = submit(cluster, tmp_path, tiny_overrides(distill_setup, f"trainer.total_steps={PREEMPT_STEPS}"))
+    job = submit(cluster, tmp_path, tiny_overrides(distill_setup, f"trainer.total_steps={PREEMPT_STEPS}"),
+                 procs_per_node=PROCS_PER_NODE)
     run_dir = tmp_path / "runs" / f"opd-distill-{job}"
-    log = tmp_path / f"opd-distill-{job}.log"
+    log = job_log(tmp_path, job)
     metrics = run_dir / "metrics.jsonl"
     scancel, scontrol = cluster.program("scancel"), cluster.program("scontrol")
 
@@ -118,20 +86,17 @@ def run_seconds(run_time: str) -> int:
 
 
 def test_bad_override_fails_fast_with_the_config_error(slurm_cluster, distill_setup, tmp_path):
-    done = subprocess.run([slurm_cluster.program("sbatch"), "--wait", "--parsable", "--gpus-per-node=0",
-                           str(REPO / "launch" / "distill.sh"), *tiny_overrides(distill_setup), "trainer.bogus=1"],
-                          cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=180)
-    job = done.stdout.strip().split(";")[0]
-    log = tmp_path / f"opd-distill-{job}.log"
-    assert done.returncode != 0, tail(log)
+    """Followed with scontrol, not `sbatch --wait`, which polls ever more slowly (2, 10, 42 s ...)."""
+    job = submit(slurm_cluster, tmp_path, [*tiny_overrides(distill_setup), "trainer.bogus=1"],
+                 procs_per_node=PROCS_PER_NODE)
+    log = job_log(tmp_path, job)
+    info = wait_job(slurm_cluster, job, log, timeout_s=120)
+    assert info["JobState"] == "FAILED", f"{info}\n{tail(log)}"
     assert "Key 'bogus' not in 'TrainerConfig'" in log.read_text(), tail(log)
-    info = job_info(slurm_cluster, job)
-    assert info["JobState"] == "FAILED", info
-    # The job's own run time: sbatch --wait polls ever more slowly (2, 10, 42 s ...).
     assert run_seconds(info["RunTime"]) < 60, f"a config error took {info['RunTime']} to fail the job"
 
 
 def test_script_refuses_to_run_outside_slurm(tmp_path):
-    done = subprocess.run(["bash", str(REPO / "launch" / "distill.sh"), "trainer.total_steps=1"], cwd=tmp_path,
+    done = subprocess.run(["bash", str(DISTILL_SCRIPT), "trainer.total_steps=1"], cwd=tmp_path,
                           env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "submit it with sbatch" in done.stderr

@@ -1,6 +1,7 @@
 """A real SGLang 0.5.23 server on CPU (with the FAKE kernel package on its path): its log-probs equal the
 Megatron student's, weight syncs by all three routes make it serve the new weights, teacher scoring equals
-the Megatron teacher, and a killed server is restarted with the current weights mid-batch."""
+the Megatron teacher, the colocated switch leaves a CPU server alone, and a killed server is restarted with
+the current weights mid-batch."""
 import os
 
 import pytest
@@ -50,6 +51,18 @@ def test_weight_sync_serves_the_new_weights(sglang_engine, tiny_models, route):
         assert max(abs(a - b) for a, b in zip(result.token_logprobs, ref)) <= 1e-4
     sample = sglang_engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))[0]
     assert sglang_engine.weight_version == sample.weight_version == version
+
+
+def test_colocated_switch_leaves_a_cpu_server_serving(sglang_student, monkeypatch):
+    # A CPU server has no memory saver: releasing its memory would kill it, so sleep/wake_up must not try.
+    monkeypatch.setattr(sglang_student.config, "colocated", True)
+    pid, restarts = sglang_student.server.process.pid, sglang_student.restarts
+    sglang_student.sleep()
+    sample = sglang_student.generate(PROMPTS[:1], SamplingParams(max_new_tokens=4, temperature=0.0))[0]
+    sglang_student.wake_up()
+    assert len(sample.response_ids) == 4 and sample.weight_version == sglang_student.weight_version
+    assert sglang_student.server.process.pid == pid and sglang_student.restarts == restarts
+    assert sglang_student.server.healthy()
 
 
 def test_killed_server_is_restarted_with_the_current_weights(sglang_engine, tiny_models, monkeypatch):

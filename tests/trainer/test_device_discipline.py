@@ -1,12 +1,13 @@
 """No project code path relies on the default device: every tensor factory called from the project's own
 code (megatron_opd/, checkpoint_tools/) names its device. Checked on real runs — distillation steps with
-validation, a checkpoint and a resume, at TP=1 and at CP=2 — under a TorchFunctionMode that records each
+validation, a checkpoint and a resume, at TP=1, CP=2 and PP=2 — under a TorchFunctionMode that records each
 factory call by its caller's file and line. On a GPU node a factory without a device puts its tensor on
 the CPU beside CUDA tensors; on this CPU machine only such a check can see it."""
 import collections
 import os
 import sys
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -75,7 +76,9 @@ def test_every_factory_in_a_distillation_run_names_its_device(distill_setup, tmp
         assert any(where.startswith(site) for where in placed), (site, sorted(placed))
 
 
-def test_every_factory_in_a_context_parallel_run_names_its_device(distill_setup, tmp_path):
-    placed = check(run_distributed(_train_watched, 2, _runs(distill_setup, tmp_path, "parallel.context=2"),
-                                   timeout_s=600))
-    assert any(where.startswith("megatron_opd/parallel/context_parallel.py") for where in placed), sorted(placed)
+@pytest.mark.parametrize("layout, site", [("parallel.context=2", "megatron_opd/parallel/context_parallel.py"),
+                                          ("parallel.pipeline=2", "megatron_opd/trainer/weight_push.py")],
+                         ids=["cp2", "pp2"])
+def test_every_factory_in_a_two_process_run_names_its_device(distill_setup, tmp_path, layout, site):
+    placed = check(run_distributed(_train_watched, 2, _runs(distill_setup, tmp_path, layout), timeout_s=600))
+    assert any(where.startswith(site) for where in placed), sorted(placed)

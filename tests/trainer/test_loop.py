@@ -89,8 +89,9 @@ def test_sglang_engine_drives_the_loop(distill_setup, tmp_path, layout, world):
 
     history = train(distill_setup, tmp_path, *fixed_data(distill_setup), "rollout.engine=sglang",
                     f"rollout.sglang.pythonpath=[{SGLANG_STUB}]",
-                    "rollout.sglang.dtype=float32", "rollout.sglang.max_total_tokens=4096", "trainer.total_steps=6",
-                    layout, world_size=world)
+                    "rollout.sglang.dtype=float32", "rollout.sglang.max_total_tokens=4096", "trainer.total_steps=8",
+                    "actor.optim.lr=3e-3", "actor.kl_loss_type=reverse", layout, world_size=world)
     curve = kl_curve(history)
-    # SGLang samples with its own RNG, so its curve is its own: means over its ends, not single steps.
-    assert mean_falls(curve, 2), curve
+    # SGLang samples with its own RNG, so its curve is its own: means over its ends, of the full-vocabulary KL
+    # (a single-sample estimate is too noisy for 8 steps). Measured: 0.068 -> 0.029, as the embedded engine.
+    assert mean_falls(curve, 3, factor=0.7), curve
