@@ -51,21 +51,22 @@ def checkpoint_dtype(path: str) -> str:
     return read_marker(path).get("dtype", "float32") if is_mcore_dir(path) else load_arch(path).torch_dtype
 
 
-def load_pretrained(path: str, parallel: ParallelConfig, dtype=None, recompute: str = "none"):
+def load_pretrained(path: str, parallel: ParallelConfig, dtype=None, recompute: str = "none", pg_collection=None):
     """Build the model described by `path` (an HF directory or a converted Megatron checkpoint) for
-    `parallel`, in `dtype` (default: the checkpoint's), and load its weights. Megatron's parallel state must
-    be initialised; the model lands on the process group's device. Returns (arch, chunks)."""
+    `parallel`, in `dtype` (default: the checkpoint's), and load its weights. The model's groups are
+    `pg_collection` (a layout of its own) or megatron's initialised global state; it lands on the process
+    group's device. Returns (arch, chunks)."""
     if not os.path.isdir(path):
         raise CheckpointFileError(f"{path}: no such model directory")
     arch = load_arch(path)
     if is_mcore_dir(path):
         chunks = build_model(arch, parallel, dtype=dtype or checkpoint_dtype(path), recompute=recompute,
-                             init_weights=False)
-        load_model(chunks, os.path.join(path, MODEL_SUBDIR))
+                             init_weights=False, pg_collection=pg_collection)
+        load_model(chunks, os.path.join(path, MODEL_SUBDIR), pg_collection)
     elif is_hf_dir(path):
         chunks = build_model(arch, parallel, dtype=dtype or arch.torch_dtype, recompute=recompute,
-                             init_weights=False)
-        load_hf_weights(chunks, arch, path)
+                             init_weights=False, pg_collection=pg_collection)
+        load_hf_weights(chunks, arch, path, tp_group=None if pg_collection is None else pg_collection.tp)
     else:
         raise CheckpointFileError(f"{path}: neither a Hugging Face checkpoint ({SINGLE_NAME}) nor a converted "
                                   f"Megatron checkpoint ({MARKER})")

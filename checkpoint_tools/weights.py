@@ -20,11 +20,12 @@ class WeightMismatchError(ValueError):
     """The weights do not fit the config (missing, extra or mis-shaped tensors)."""
 
 
-def _tp():
+def _tp(group=None):
+    """(size, rank, group) of `group`, by default megatron's global TP group."""
     from megatron.core import parallel_state
 
-    return (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_group())
+    group = group if group is not None else parallel_state.get_tensor_model_parallel_group()
+    return dist.get_world_size(group), dist.get_rank(group), group
 
 
 def _is_tp_sharded(param) -> bool:
@@ -32,11 +33,12 @@ def _is_tp_sharded(param) -> bool:
 
 
 @torch.no_grad()
-def load_hf_weights(chunks, arch: ModelArch, hf_dir: str, check_unused: bool = True) -> None:
-    """Collective when check_unused (the names read on all ranks are compared with the files')."""
+def load_hf_weights(chunks, arch: ModelArch, hf_dir: str, check_unused: bool = True, tp_group=None) -> None:
+    """Collective when check_unused (the names read on all ranks are compared with the files'). `tp_group`:
+    the chunks' TP group (default: megatron's global one)."""
     mapping = FamilyMapping(arch)
     reader = SafetensorsReader(hf_dir)
-    tp, tp_rank, _ = _tp()
+    tp, tp_rank, _ = _tp(tp_group)
     padded = padded_vocab_size(arch.vocab_size, tp)
     used = set()
     for name, param in global_named_parameters(chunks):

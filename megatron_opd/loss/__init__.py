@@ -5,8 +5,9 @@ from megatron_opd.loss.divergence import vocab_parallel_divergence
 from megatron_opd.loss.logprob import vocab_parallel_entropy, vocab_parallel_log_probs
 from megatron_opd.loss.sampled import sampled_token_kl
 from megatron_opd.loss.topk import topk_divergence
+from megatron_opd.loss.vocab_parallel import LinearHead
 
 __all__ = [
-    "AGG_MODES", "ResponseCounts", "aggregate", "distillation_loss", "response_counts", "sampled_token_kl",
+    "AGG_MODES", "LinearHead", "ResponseCounts", "aggregate", "distillation_loss", "response_counts", "sampled_token_kl",
     "topk_divergence", "vocab_parallel_divergence", "vocab_parallel_entropy", "vocab_parallel_log_probs",
 ]

@@ -8,12 +8,17 @@ vocabulary (all TP shards, padding excluded):
            m = beta p_t + (1 - beta) p_s,  h = log m - log p_s = log((1 - beta) + beta exp(log p_t - log p_s))
 The jsd formula vanishes identically at beta = 0 and beta = 1; as in TRL's GKD (`generalized_jsd_loss`)
 those two values mean forward and reverse KL, the limits of jsd / beta and jsd / (1 - beta).
-The teacher is a constant: no gradient flows to `teacher_logits`.
+The teacher is a constant: no gradient flows to it. It comes as logits [..., V/TP], or as a `LinearHead`:
+its final hidden states [..., H_t] and its output layer cut to the student's vocabulary shard [V/TP, H_t],
+whose logits are formed chunk by chunk (and again in backward): no [T, V/TP] teacher tensor exists, and
+only the hidden states (H_t per token instead of V) need to reach the student's ranks.
 """
+from typing import Union
+
 import torch
 
 from megatron_opd.loss.vocab_parallel import (
-    ChunkKernel, chunked_loss, compute_dtype, local_max, shifted_logits, vocab_shard, weighted_row_sum)
+    ChunkKernel, LinearHead, chunked_loss, compute_dtype, local_max, shifted_logits, vocab_shard, weighted_row_sum)
 
 KINDS = ("forward", "reverse", "jsd")
 
@@ -26,8 +31,12 @@ class _DivergenceKernel(ChunkKernel):
         return (shifted_logits(student, maxes[:, 0], self.inv_temperature),
                 shifted_logits(teacher, maxes[:, 1], self.inv_temperature), maxes)
 
-    def true_columns(self, logits, rows):  # [C, v]
-        return logits[rows, :self.shard.valid]
+    def true_columns(self, teacher, rows):  # [C, v]
+        """The teacher's logits of the chunk: a slice of its logits, or hidden [C, H] @ weight[:v].T."""
+        if len(teacher) == 1:
+            return teacher[0][rows, :self.shard.valid]
+        hidden, weight = teacher
+        return hidden[rows] @ weight[:self.shard.valid].T
 
     def normalisers(self, z_a, z_b, *partial_sums):
         """Global z_a, log z_a and log z_b - log z_a from the local sums [C], plus the summed `partial_sums`.
@@ -46,7 +55,7 @@ class _KLKernel(_DivergenceKernel):
         super().__init__(*args)
         self.student_is_p = student_is_p
 
-    def forward_chunk(self, rows, student, teacher):
+    def forward_chunk(self, rows, student, *teacher):
         x_s, x_t, maxes = self.shifted(student[rows], self.true_columns(teacher, rows))
         x_p, x_q = (x_s, x_t) if self.student_is_p else (x_t, x_s)
         exp_p = x_p.exp()
@@ -60,7 +69,7 @@ class _KLKernel(_DivergenceKernel):
         log_z_s, log_z_t = (log_z_p, log_z_q) if self.student_is_p else (log_z_q, log_z_p)
         return kl, torch.stack([maxes[:, 0], log_z_s, maxes[:, 1], log_z_t, kl], dim=-1)
 
-    def backward_chunk(self, rows, student, stats, grad_out, out, teacher):
+    def backward_chunk(self, rows, student, stats, grad_out, out, *teacher):
         scale = (grad_out * self.inv_temperature).to(self.dtype).unsqueeze(-1)
         inv_t = self.inv_temperature
         log_p_s = shifted_logits(student[rows], stats[:, 0], inv_t, stats[:, 1])
@@ -88,7 +97,7 @@ class _JSDKernel(_DivergenceKernel):
         h = log_ratio.abs().neg_().expm1_().mul_(coef).log1p_()
         return h.add_(log_ratio.clamp(min=0))
 
-    def forward_chunk(self, rows, student, teacher):
+    def forward_chunk(self, rows, student, *teacher):
         x_s, x_t, maxes = self.shifted(student[rows], self.true_columns(teacher, rows))
         exp_s, exp_t = x_s.exp(), x_t.exp()
         z_s, log_z_s, log_z_t_minus_s = self.normalisers(exp_s.sum(-1), exp_t.sum(-1))
@@ -103,7 +112,7 @@ class _JSDKernel(_DivergenceKernel):
         stats = [maxes[:, 0], log_z_s, maxes[:, 1], log_z_s + log_z_t_minus_s, sums[:, 1]]
         return jsd, torch.stack(stats, dim=-1)
 
-    def backward_chunk(self, rows, student, stats, grad_out, out, teacher):
+    def backward_chunk(self, rows, student, stats, grad_out, out, *teacher):
         scale = (grad_out * (-(1.0 - self.beta) * self.inv_temperature)).to(self.dtype).unsqueeze(-1)
         log_p_s = shifted_logits(student[rows], stats[:, 0], self.inv_temperature, stats[:, 1])
         log_p_t = shifted_logits(self.true_columns(teacher, rows), stats[:, 2], self.inv_temperature, stats[:, 3])
@@ -112,27 +121,34 @@ class _JSDKernel(_DivergenceKernel):
         torch.mul(log_p_s.exp_().mul_(h), scale, out=out)
 
 
-def vocab_parallel_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "reverse",
-                              beta: float = 0.5, temperature: float = 1.0, group=None, chunk_size=None,
-                              vocab_size=None) -> torch.Tensor:
+def vocab_parallel_divergence(student_logits: torch.Tensor, teacher: Union[torch.Tensor, LinearHead],
+                              kind: str = "reverse", beta: float = 0.5, temperature: float = 1.0, group=None,
+                              chunk_size=None, vocab_size=None) -> torch.Tensor:
     """Per-token divergence between student and teacher, logits [..., V/TP] sharded over `group`'s
     vocabulary (None: megatron's TP group, or one shard). Returns [...] in fp32 (fp64 for fp64 logits),
-    replicated on the TP ranks. `vocab_size` (the true size) excludes megatron's vocabulary padding.
+    replicated on the TP ranks. `teacher`: logits of the same shape, or a `LinearHead`. `vocab_size` (the
+    true size) excludes vocabulary padding: columns at or above it take no part, on either side.
     Extra memory is a few [chunk_size, V/TP] fp32 buffers; only per-token scalars cross ranks."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} must have the same shape (same tokenizer and TP)")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta={beta} must be in [0, 1]")
     shard = vocab_shard(group, student_logits.shape[-1], vocab_size)
     student = student_logits.reshape(-1, shard.size)  # [N, V/TP]
-    teacher = teacher_logits.detach().reshape(-1, shard.size)
-    args = (shard, student, chunk_size, temperature, compute_dtype(student, teacher))
+    constants = teacher.flat(student_logits.shape) if isinstance(teacher, LinearHead) else (
+        _teacher_logits(teacher, student_logits.shape),)
+    args = (shard, student, chunk_size, temperature, compute_dtype(student, *constants))
     if kind == "jsd" and 0.0 < beta < 1.0:
         kernel = _JSDKernel(float(beta), *args)
     else:
         student_is_p = kind == "reverse" or (kind == "jsd" and beta == 1.0)
         kernel = _KLKernel(student_is_p, *args)
-    return chunked_loss(kernel, student, teacher).view(student_logits.shape[:-1])
+    return chunked_loss(kernel, student, *constants).view(student_logits.shape[:-1])
+
+
+def _teacher_logits(teacher_logits: torch.Tensor, student_shape) -> torch.Tensor:
+    if teacher_logits.shape != student_shape:
+        raise ValueError(f"student logits {tuple(student_shape)} and teacher logits {tuple(teacher_logits.shape)} "
+                         f"must have the same shape (the same vocabulary shard); a teacher with another padded "
+                         f"vocabulary comes as a LinearHead cut to the student's shard")
+    return teacher_logits.detach().reshape(-1, student_shape[-1])

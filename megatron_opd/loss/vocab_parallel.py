@@ -50,6 +50,22 @@ class VocabShard:
         return values
 
 
+@dataclass(frozen=True)
+class LinearHead:
+    """A model's output as its final hidden states [..., H] and an output-layer shard [V/TP, H] (rows in
+    the vocabulary shard's order), standing for the logits hidden @ weight.T without forming them."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+    def flat(self, logits_shape) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [N, H], weight [V/TP, H]), checked against the logits [..., V/TP] they stand for."""
+        if tuple(self.hidden.shape[:-1]) != tuple(logits_shape[:-1]) or self.weight.shape[0] != logits_shape[-1] \
+                or self.weight.shape[1] != self.hidden.shape[-1]:
+            raise ValueError(f"a LinearHead with hidden {tuple(self.hidden.shape)} and weight "
+                             f"{tuple(self.weight.shape)} cannot stand for logits {tuple(logits_shape)}")
+        return self.hidden.detach().reshape(-1, self.hidden.shape[-1]), self.weight.detach()
+
+
 def vocab_shard(group, shard_size: int, vocab_size=None) -> VocabShard:
     """This rank's shard of a vocabulary of `vocab_size` true entries padded to TP * `shard_size`."""
     group = resolve_group(group)

@@ -89,12 +89,14 @@ def _llama3_inv_freq(rotary, arch: ModelArch) -> torch.Tensor:
 
 
 def build_model(arch: ModelArch, parallel: ParallelConfig, dtype="float32", recompute: str = "none",
-                use_te: Optional[bool] = None, init_weights: bool = True, device: Optional[torch.device] = None) -> list:
+                use_te: Optional[bool] = None, init_weights: bool = True, device: Optional[torch.device] = None,
+                pg_collection=None) -> list:
     """One GPTModel per virtual pipeline stage held by this rank (a list of one without VPP), on `device`
-    (default: the one the process group runs on). Megatron's parallel state must already be initialised for
-    `parallel`. `use_te` defaults to Transformer Engine when it imports and the device is a GPU.
-    `init_weights=False` skips the random init (seconds on CPU) when a checkpoint is about to overwrite
-    every weight."""
+    (default: the one the process group runs on). The model's groups are `pg_collection` (megatron's
+    ProcessGroupCollection for `parallel`, e.g. a teacher in a layout of its own) or, by default, megatron's
+    global parallel state, which must then be initialised for `parallel`. `use_te` defaults to Transformer
+    Engine when it imports and the device is a GPU. `init_weights=False` skips the random init (seconds on
+    CPU) when a checkpoint is about to overwrite every weight."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -108,15 +110,18 @@ def build_model(arch: ModelArch, parallel: ParallelConfig, dtype="float32", reco
     chunks = []
     for vp_stage in range(parallel.virtual_stages):
         vp = vp_stage if parallel.virtual_pipeline else None
+        if pg_collection is None:
+            first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp)
+            last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
+        else:
+            first, last = pg_collection.pp.rank() == 0, pg_collection.pp.rank() == parallel.pipeline - 1
         model = GPTModel(
             config=config, transformer_layer_spec=spec, vocab_size=vocab,
             max_sequence_length=arch.max_position_embeddings, position_embedding_type="rope",
             rotary_base=arch.rope_theta, share_embeddings_and_output_weights=arch.tie_word_embeddings,
             rope_scaling=arch.rope_scaling is not None,
             rope_scaling_factor=arch.rope_scaling.factor if arch.rope_scaling else 8.0,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-            vp_stage=vp)
+            pre_process=first, post_process=last, vp_stage=vp, pg_collection=pg_collection)
         if arch.rope_scaling is not None and hasattr(model, "rotary_pos_emb"):
             model.rotary_pos_emb.inv_freq = _llama3_inv_freq(model.rotary_pos_emb, arch)
         # Norm weights are created in fp32 whatever params_dtype says; one dtype for the whole chunk.

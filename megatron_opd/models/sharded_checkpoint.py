@@ -18,8 +18,10 @@ from megatron_opd.parallel.lifetime import die_with_parent
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def _sharded_state_dict(chunks) -> dict:
-    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+def _sharded_state_dict(chunks, pg_collection=None) -> dict:
+    """The chunks' sharded state; with their own groups (`pg_collection`), replicas counted in those."""
+    metadata = None if pg_collection is None else {"dp_cp_group": pg_collection.dp_cp}
+    return {f"chunk{i}": chunk.sharded_state_dict(metadata=metadata) for i, chunk in enumerate(chunks)}
 
 
 def _global_rank() -> int:
@@ -70,9 +72,8 @@ def save_model(chunks, ckpt_dir: str) -> None:
     _barrier()
 
 
-def _swap_vocab_tensors(sharded: dict, saved_meta: dict) -> list:
+def _swap_vocab_tensors(sharded: dict, saved_meta: dict, tp_rank: int) -> list:
     """Replace vocab tensors whose saved row count differs by whole-tensor reads; return what to re-cut."""
-    from megatron.core import parallel_state
     from megatron.core.dist_checkpointing import ShardedTensor
 
     recut = []
@@ -88,20 +89,21 @@ def _swap_vocab_tensors(sharded: dict, saved_meta: dict) -> list:
             # one reader stays the main replica.
             replica = entry.replica_id if isinstance(entry.replica_id, tuple) else (entry.replica_id,)
             chunk_sd[name] = ShardedTensor.from_rank_offsets(
-                entry.key, whole, replica_id=(*replica, parallel_state.get_tensor_model_parallel_rank()))
+                entry.key, whole, replica_id=(*replica, tp_rank))
             recut.append((chunk_key, name, entry))
     return recut
 
 
-def load_model(chunks, ckpt_dir: str) -> None:
-    """Collective. Load `ckpt_dir` into `chunks` (built for the current layout); every parameter must come
-    from the checkpoint."""
-    from megatron.core import dist_checkpointing
+def load_model(chunks, ckpt_dir: str, pg_collection=None) -> None:
+    """Collective. Load `ckpt_dir` into `chunks` (built for the current layout, or for the groups of
+    `pg_collection`); every parameter must come from the checkpoint."""
+    from megatron.core import dist_checkpointing, parallel_state
 
     if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
         raise FileNotFoundError(f"{ckpt_dir}: not a torch_dist checkpoint (no metadata.json)")
-    sharded = _sharded_state_dict(chunks)
-    recut = _swap_vocab_tensors(sharded, dist_checkpointing.load_tensors_metadata(ckpt_dir))
+    sharded = _sharded_state_dict(chunks, pg_collection)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank() if pg_collection is None else pg_collection.tp.rank()
+    recut = _swap_vocab_tensors(sharded, dist_checkpointing.load_tensors_metadata(ckpt_dir), tp_rank)
     state = dist_checkpointing.load(sharded, ckpt_dir)
     for chunk_key, name, entry in recut:
         whole, local = state[chunk_key][name], torch.zeros_like(entry.data)

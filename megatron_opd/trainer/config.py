@@ -4,14 +4,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron_opd.data.config import DataConfig
+from megatron_opd.loss.distillation import AGG_MODES
+from megatron_opd.loss.kinds import FULL_KINDS, KL_LOSS_TYPES, TOPK_KINDS
 from megatron_opd.parallel import DEVICE_KINDS, ParallelConfig
 from megatron_opd.rollout.sglang_server import SGLangConfig
 
-SAMPLED_KL = ("kl", "abs", "mse", "low_var_kl")
-FULL_KL = ("forward", "reverse", "jsd")
-TOPK_KL = ("topk_forward", "topk_reverse")
-KL_LOSS_TYPES = SAMPLED_KL + FULL_KL + TOPK_KL
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 LR_DECAY = ("constant", "linear", "cosine")
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 MODEL_DTYPES = ("float32", "bfloat16")
@@ -38,6 +35,33 @@ class ModelConfig:
     def __post_init__(self):
         if self.dtype is not None:
             _one_of("model.dtype", self.dtype, MODEL_DTYPES)
+
+
+@dataclass
+class TeacherParallelConfig:
+    tensor: Optional[int] = None  # null: the student's parallel.tensor
+    pipeline: Optional[int] = None  # null: the student's parallel.pipeline
+
+    def __post_init__(self):
+        for key in ("tensor", "pipeline"):
+            value = getattr(self, key)
+            _check(value is None or (isinstance(value, int) and value >= 1), f"teacher.parallel.{key}", value,
+                   "must be null (the student's) or an integer >= 1")
+
+
+TEACHER_ENGINES = ("megatron", "sglang")
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    engine: str = "megatron"  # megatron: on the trainer's ranks | sglang: its own SGLang server
+    parallel: TeacherParallelConfig = field(default_factory=TeacherParallelConfig)  # engine=megatron
+    url: Optional[str] = None  # engine=sglang: a server already serving the teacher (null: rank 0 starts one)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)  # engine=sglang: the server rank 0 starts
+
+    def __post_init__(self):
+        super().__post_init__()
+        _one_of("teacher.engine", self.engine, TEACHER_ENGINES)
 
 
 @dataclass
@@ -79,6 +103,8 @@ class OptimConfig:
 class ActorConfig:
     kl_loss_type: str = "low_var_kl"
     kl_loss_coef: float = 1.0
+    # Both distributions enter the divergence at this temperature; null: rollout.temperature (see README).
+    kl_temperature: Optional[float] = None
     jsd_beta: float = 0.5
     topk: int = 0  # the teacher's support for topk_forward/topk_reverse
     entropy_coeff: float = 0.0
@@ -95,7 +121,9 @@ class ActorConfig:
         _one_of("actor.loss_agg_mode", self.loss_agg_mode, AGG_MODES)
         _one_of("actor.recompute", self.recompute, ("none", "selective", "full"))
         _check(0 <= self.jsd_beta <= 1, "actor.jsd_beta", self.jsd_beta, "must be in [0, 1]")
-        _check(self.kl_loss_type not in TOPK_KL or self.topk >= 1, "actor.topk", self.topk,
+        _check(self.kl_temperature is None or self.kl_temperature > 0, "actor.kl_temperature", self.kl_temperature,
+               "must be null (rollout.temperature) or > 0")
+        _check(self.kl_loss_type not in TOPK_KINDS or self.topk >= 1, "actor.topk", self.topk,
                f"must be >= 1 with actor.kl_loss_type={self.kl_loss_type}")
         _check(self.ppo_epochs >= 1, "actor.ppo_epochs", self.ppo_epochs, "must be >= 1")
         _check(self.micro_batch_size >= 1, "actor.micro_batch_size", self.micro_batch_size, "must be >= 1")
@@ -135,7 +163,7 @@ class TrainerConfig:
 @dataclass
 class OPDConfig:
     student: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
@@ -147,6 +175,10 @@ class OPDConfig:
         _check(self.data.train_files is not None, "data.train_files", None, "is required (parquet/jsonl prompts)")
         if self.trainer.mode == "distill":
             _check(bool(self.teacher.path), "teacher.path", self.teacher.path, "is required with trainer.mode=distill")
+            _check(self.teacher.engine != "sglang" or self.actor.kl_loss_type not in FULL_KINDS, "actor.kl_loss_type",
+                   self.actor.kl_loss_type, "needs the teacher's whole distribution, which a served teacher "
+                   "(teacher.engine=sglang) does not send: use a sampled-token kind (kl|abs|mse|low_var_kl), "
+                   "topk_forward|topk_reverse with actor.topk, or teacher.engine=megatron")
         batch = self.data.train_batch_size
         mini = self.actor.ppo_mini_batch_size or batch
         _check(batch % mini == 0, "actor.ppo_mini_batch_size", mini,
@@ -155,6 +187,11 @@ class OPDConfig:
                self.data.response_key, "is required with trainer.mode=sft (e.g. extra_info.answer)")
         _check(self.trainer.test_freq == 0 or self.data.val_files is not None, "trainer.test_freq",
                self.trainer.test_freq, "needs data.val_files")
+
+
+def divergence_temperature(cfg: OPDConfig) -> float:
+    """The temperature at which both the student's and the teacher's distributions enter the divergence."""
+    return cfg.actor.kl_temperature or cfg.rollout.temperature
 
 
 def to_config(raw: Any) -> OPDConfig:

@@ -19,10 +19,10 @@ import torch.distributed as dist
 
 from megatron_opd.trainer import checkpoint
 from megatron_opd.trainer.batch import build_batch
-from megatron_opd.trainer.config import OPDConfig
-from megatron_opd.trainer.objective import sft_loss, student_loss, teacher_outputs
+from megatron_opd.trainer.config import OPDConfig, divergence_temperature
+from megatron_opd.trainer.objective import sft_loss, student_loss
 from megatron_opd.trainer.optim import optimizer_step
-from megatron_opd.trainer.pipeline import student_pass, teacher_pass
+from megatron_opd.trainer.pipeline import student_pass
 from megatron_opd.trainer.preemption import Preemption
 from megatron_opd.trainer.setup import Run
 
@@ -62,13 +62,6 @@ class Trainer:
         lengths = [len(r) for _, r in samples]
         return samples, {"response_length/mean": sum(lengths) / len(lengths), "response_length/max": max(lengths)}
 
-    def _teacher(self, micro: list) -> list:
-        cfg, run = self.cfg, self.run
-        if cfg.trainer.mode != "distill":
-            return [None] * len(micro)
-        keep = lambda logits, mb: teacher_outputs(logits, mb.labels, cfg.actor, cfg.rollout.temperature,  # noqa: E731
-                                                  run.vocab_size, run.dims.tp_group)
-        return teacher_pass(run.teacher, micro, keep, run.dims.cp_size)
 
     def _optimizer_step(self, mini: list, teacher: list) -> dict:
         """One optimizer step on a mini-batch (this rank's micro-batches); its global metrics."""
@@ -81,8 +74,8 @@ class Trainer:
             if cfg.trainer.mode == "sft":
                 return sft_loss(logits, mb.labels, mb.loss_mask, run.vocab_size, dims.tp_group, counts, index,
                                 cfg.actor.loss_agg_mode)
-            return student_loss(logits, mb.labels, mb.loss_mask, teacher[index], cfg.actor, cfg.rollout.temperature,
-                                run.vocab_size, dims.tp_group, counts, index)
+            return student_loss(logits, mb.labels, mb.loss_mask, teacher[index], run.teacher.head_weight, cfg.actor,
+                                divergence_temperature(cfg), run.vocab_size, dims.tp_group, counts, index)
 
         for chunk in run.ddp:
             chunk.zero_grad_buffer()
@@ -98,14 +91,14 @@ class Trainer:
         return {**_sum_shares(shares, dims), "actor/grad_norm": outcome.grad_norm,
                 "actor/skipped_updates": 0.0 if outcome.applied else 1.0}
 
-    def update(self, batch) -> tuple[dict, float]:
+    def update(self, samples, batch) -> tuple[dict, float]:
         """Teacher pass, then every mini-batch of every epoch; averaged metrics and the teacher's seconds."""
         cfg, run, dims = self.cfg, self.run, self.run.dims
         rows = batch.size // dims.dp_size
         mine = batch.rows(dims.dp_rank * rows, (dims.dp_rank + 1) * rows).context_shard(dims.cp_rank, dims.cp_size)
         micro = mine.micro_batches(cfg.actor.micro_batch_size)
         started = time.perf_counter()
-        teacher = self._teacher(micro)
+        teacher = run.teacher.outputs(samples, batch, micro) if run.teacher is not None else [None] * len(micro)
         teacher_s = time.perf_counter() - started
         per_mini = len(micro) // run.mini_batches_per_step
         minis = [slice(m * per_mini, (m + 1) * per_mini) for m in range(run.mini_batches_per_step)]
@@ -114,6 +107,8 @@ class Trainer:
         metrics = {name: sum(u[name] for u in updates) / len(updates) for name in updates[0]}
         metrics["actor/skipped_updates"] = sum(u["actor/skipped_updates"] for u in updates)
         metrics["actor/lr"] = run.optimizer.param_groups[0]["lr"]
+        if run.teacher is not None:
+            metrics["teacher/bytes_moved_per_token"] = run.teacher.bytes_per_token(batch)
         return metrics, teacher_s
 
     def validate(self) -> dict:
@@ -147,7 +142,7 @@ class Trainer:
         if run.engine is not None:  # a colocated SGLang server frees its GPU memory for the update
             run.engine.sleep()
         update_started = time.perf_counter()
-        update_metrics, teacher_s = self.update(batch)
+        update_metrics, teacher_s = self.update(samples, batch)
         update_s = time.perf_counter() - update_started - teacher_s
         sync_started = time.perf_counter()
         run.sync_engine(step + 1)

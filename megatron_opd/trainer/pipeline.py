@@ -1,6 +1,7 @@
 """The teacher's forward-only pass and the student's forward-backward, both through megatron's pipeline
-schedule over a list of micro-batches. Outputs live on the last pipeline stage."""
-from typing import Callable
+schedule over a list of micro-batches. Outputs live on the last pipeline stage. The schedule runs on
+megatron's global groups, or on a model's own (`pg_collection`: a teacher in a layout of its own)."""
+from typing import Callable, Optional
 
 import torch
 
@@ -8,34 +9,53 @@ from megatron_opd.models.forward import per_chunk_iterators
 from megatron_opd.trainer.batch import TokenBatch
 
 
-def _run(chunks, micro_batches: list[TokenBatch], loss_of: Callable, forward_only: bool, cp_size: int) -> list:
+def final_hidden_states(hidden_states, config, **_):
+    """GPTModel's `output_processor`: the final-norm hidden states [b, s, H] instead of the logits."""
+    if config.sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+    return hidden_states.transpose(0, 1)
+
+
+def _run(chunks, micro_batches: list[TokenBatch], loss_of: Callable, forward_only: bool, cp_size: int,
+         pg_collection=None, output_processor: Optional[Callable] = None) -> list:
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    groups, pp_size = {}, None
+    if pg_collection is not None:
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+        groups = dict(pg_collection=pg_collection, p2p_communicator=P2PCommunicator(pg_collection.pp, chunks[0].config))
+        pp_size = pg_collection.pp.size()
+    outputs = {} if output_processor is None else {"output_processor": output_processor}
 
     def forward_step(data_iterator, model):
         index = next(data_iterator)
         batch = micro_batches[index]
-        logits = model(batch.tokens, batch.position_ids, attention_mask=None)  # [mb, s/CP, V/TP]
-        return logits, lambda output: loss_of(index, batch, output)
+        output = model(batch.tokens, batch.position_ids, attention_mask=None, **outputs)  # [mb, s/CP, V/TP or H]
+        return output, lambda out: loss_of(index, batch, out)
 
     # The schedule wants the whole sequence's length: it divides by CP (and TP under SP) for p2p shapes.
-    return get_forward_backward_func()(
+    return get_forward_backward_func(pp_size=pp_size)(
         forward_step_func=forward_step, data_iterator=per_chunk_iterators(chunks, list(range(len(micro_batches)))),
         model=chunks, num_microbatches=len(micro_batches), seq_length=micro_batches[0].tokens.shape[1] * cp_size,
-        micro_batch_size=micro_batches[0].size, forward_only=forward_only)
+        micro_batch_size=micro_batches[0].size, forward_only=forward_only, **groups)
 
 
 @torch.no_grad()
-def teacher_pass(chunks, micro_batches: list[TokenBatch], keep: Callable, cp_size: int) -> list:
-    """keep(logits, batch) -> what the loss needs, per micro-batch, on the last stage ([] elsewhere)."""
+def teacher_pass(chunks, micro_batches: list[TokenBatch], keep: Callable, cp_size: int, pg_collection=None,
+                 output_processor: Optional[Callable] = None) -> list:
+    """keep(output, batch) -> what the loss needs, per micro-batch, on the last stage ([] elsewhere)."""
     kept = {}
 
-    def loss_of(index, batch, logits):
-        kept[index] = keep(logits, batch)
-        return logits.new_zeros(()), {}
+    def loss_of(index, batch, output):
+        kept[index] = keep(output, batch)
+        return output.new_zeros(()), {}
 
     for chunk in chunks:
         chunk.eval()
-    _run(chunks, micro_batches, loss_of, forward_only=True, cp_size=cp_size)
+    _run(chunks, micro_batches, loss_of, True, cp_size, pg_collection, output_processor)
     return [kept[i] for i in sorted(kept)]
 
 
@@ -49,4 +69,4 @@ def student_pass(chunks, micro_batches: list[TokenBatch], loss_share: Callable, 
 
     for chunk in chunks:
         chunk.train()
-    return _run(chunks, micro_batches, loss_of, forward_only=False, cp_size=cp_size)
+    return _run(chunks, micro_batches, loss_of, False, cp_size)

@@ -11,51 +11,58 @@ from checkpoint_tools.pretrained import checkpoint_dtype, is_hf_dir, load_pretra
 from megatron_opd.data.gsm8k_score import accuracy
 from megatron_opd.data.prompt_dataset import PromptDataset
 from megatron_opd.data.sampler import PromptSampler
-from megatron_opd.models import load_arch
-from megatron_opd.parallel import DeviceError, current_device, initialize_model_parallel
+from megatron_opd.models import load_arch, padded_vocab_size
+from megatron_opd.parallel import DeviceError, ParallelConfig, current_device, initialize_model_parallel
 from megatron_opd.rollout.embedded_engine import make_engine
 from megatron_opd.rollout.engine import SamplingParams
 from megatron_opd.rollout.hf_dir import HFDirWriter
 from megatron_opd.trainer import checkpoint
+from megatron_opd.teacher import make_teacher
+from megatron_opd.teacher.layout import teacher_layout
 from megatron_opd.trainer.config import MODEL_DTYPES, ConfigError, ModelConfig, OPDConfig
 from megatron_opd.trainer.metrics import Metrics
 from megatron_opd.trainer.optim import wrap_and_build_optimizer
+from megatron_opd.trainer.vocab import load_tokenizer, shared_vocab_size
 from megatron_opd.trainer.weight_push import push_weights
 
 
-def _tokenizer_file(path: str):
-    tokenizer = os.path.join(path, "tokenizer.json")
-    return open(tokenizer, "rb").read() if os.path.isfile(tokenizer) else None
+def _check_layout(layout: ParallelConfig, world_size: int, key: str, path: str, arch) -> None:
+    try:  # the backend is checked once the device is known
+        layout.validate(world_size, arch.num_attention_heads, arch.num_key_value_heads, arch.num_layers,
+                        te_available=True)
+    except ValueError as err:
+        raise ConfigError(f"{key}={path}: {err}") from None
 
 
 def check_layout_and_vocab(cfg: OPDConfig, world_size: int):
-    """Before any model is built: both models fit the layout and share the vocabulary."""
+    """Before any model is built: both models fit their layouts and share a tokenizer. Returns the student's
+    arch, its tokenizer and the vocabulary size the divergences run over."""
     student = load_arch(cfg.student.path)
-    for key, arch in (("student.path", student),) + ((("teacher.path", load_arch(cfg.teacher.path)),)
-                                                        if cfg.trainer.mode == "distill" else ()):
-        try:
-            cfg.parallel.validate(world_size, arch.num_attention_heads, arch.num_key_value_heads, arch.num_layers,
-                                  te_available=True)  # the backend is checked once the device is known
-        except ValueError as err:
-            raise ConfigError(f"{key}={getattr(cfg, key.split('.')[0]).path}: {err}") from None
+    _check_layout(cfg.parallel, world_size, "student.path", cfg.student.path, student)
+    tokenizer = load_tokenizer(cfg.student.path, "student.path")
+    vocab_size = min(len(tokenizer), student.vocab_size)
+    sequences = cfg.data.train_batch_size * cfg.rollout.n
     if cfg.trainer.mode == "distill":
         teacher = load_arch(cfg.teacher.path)
-        same_tokens = _tokenizer_file(cfg.student.path) == _tokenizer_file(cfg.teacher.path)
-        if teacher.vocab_size != student.vocab_size or not same_tokens:
-            raise ConfigError(
-                f"teacher.path={cfg.teacher.path} (vocab {teacher.vocab_size}) and student.path={cfg.student.path} "
-                f"(vocab {student.vocab_size}) do not share the vocabulary"
-                f"{'' if same_tokens else ' (tokenizers differ)'};"
-                f" on-policy distillation compares their distributions token by token: use a teacher with the "
-                f"student's tokenizer")
-    sequences = cfg.data.train_batch_size * cfg.rollout.n
+        vocab_size = min(vocab_size, teacher.vocab_size, shared_vocab_size(
+            tokenizer, load_tokenizer(cfg.teacher.path, "teacher.path"), cfg.student.path, cfg.teacher.path))
+        if cfg.teacher.engine == "megatron":
+            layout = teacher_layout(cfg)
+            _check_layout(layout, world_size, "teacher.path", cfg.teacher.path, teacher)
+            teacher_dp = layout.data_parallel_size(world_size)
+            if layout is not cfg.parallel and (sequences % teacher_dp or
+                                               (sequences // teacher_dp) % cfg.actor.micro_batch_size):
+                raise ConfigError(f"teacher.parallel={{tensor: {layout.tensor}, pipeline: {layout.pipeline}}}: each "
+                                  f"of the teacher's {teacher_dp} data-parallel ranks gets {sequences / teacher_dp:g} of "
+                                  f"the step's {sequences} sequences, which must be a whole multiple of "
+                                  f"actor.micro_batch_size={cfg.actor.micro_batch_size}")
     dp = world_size // cfg.parallel.model_parallel_size
     mini = (cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size) * cfg.rollout.n
     if mini % dp or (mini // dp) % cfg.actor.micro_batch_size:
         raise ConfigError(f"actor.micro_batch_size={cfg.actor.micro_batch_size}: each of the {dp} data-parallel "
                           f"ranks gets {mini / dp:g} sequences per mini-batch ({mini} = ppo_mini_batch_size x "
                           f"rollout.n), which must be a whole multiple of it")
-    return student, sequences
+    return student, tokenizer, vocab_size
 
 
 def model_dtype(model: ModelConfig, key: str) -> str:
@@ -83,24 +90,22 @@ def check_device(requested: str) -> torch.device:
 class Run:
     def __init__(self, cfg: OPDConfig):
         import torch.distributed as dist
-        from transformers import AutoTokenizer
 
         self.cfg = cfg
-        self.arch, _ = check_layout_and_vocab(cfg, dist.get_world_size())
+        self.arch, self.tokenizer, self.vocab_size = check_layout_and_vocab(cfg, dist.get_world_size())
         self.student_dtype = model_dtype(cfg.student, "student")
-        self.teacher_dtype = model_dtype(cfg.teacher, "teacher") if cfg.trainer.mode == "distill" else None
+        teacher_dtype = model_dtype(cfg.teacher, "teacher") if cfg.trainer.mode == "distill" else None
         check_device(cfg.trainer.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.student.path)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.dataset = PromptDataset.from_config(cfg.data, self.tokenizer, "train")
         self.val_dataset = PromptDataset.from_config(cfg.data, self.tokenizer, "val") if cfg.data.val_files else None
         self.sampler = PromptSampler(len(self.dataset), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
         self.dims = initialize_model_parallel(cfg.parallel, seed=cfg.trainer.seed)
-        self.vocab_size = self.arch.vocab_size
         _, self.student = load_pretrained(cfg.student.path, cfg.parallel, self.student_dtype, cfg.actor.recompute)
-        self.teacher = (load_pretrained(cfg.teacher.path, cfg.parallel, self.teacher_dtype)[1]
-                        if cfg.trainer.mode == "distill" else None)
+        self.teacher = make_teacher(cfg, teacher_dtype, self.vocab_size, self.dims,
+                                    padded_vocab_size(self.arch.vocab_size, cfg.parallel.tensor) // cfg.parallel.tensor
+                                    ) if cfg.trainer.mode == "distill" else None
         mini_batch = cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size
         self.mini_batches_per_step = cfg.data.train_batch_size // mini_batch
         total_updates = cfg.trainer.total_steps * cfg.actor.ppo_epochs * self.mini_batches_per_step
@@ -180,11 +185,16 @@ class Run:
                      self.student, self.arch, -1, self.dims)
 
     def close(self) -> None:
-        """Idempotent; stops the engine (and its server) whatever else fails."""
-        metrics, engine, self.metrics, self.engine = self.metrics, self.engine, None, None
+        """Idempotent; stops the engine and a served teacher (and their servers) whatever else fails."""
+        metrics, engine, teacher = self.metrics, self.engine, getattr(self, "teacher", None)
+        self.metrics = self.engine = self.teacher = None
         try:
             if metrics is not None:
                 metrics.close()
         finally:
-            if engine is not None:
-                engine.stop()
+            try:
+                if engine is not None:
+                    engine.stop()
+            finally:
+                if teacher is not None:
+                    teacher.close()

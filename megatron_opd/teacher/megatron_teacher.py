@@ -1,0 +1,91 @@
+"""The teacher on the trainer's own ranks: a frozen megatron model in the student's layout (co-located, the
+default) or in a layout of its own (`teacher.parallel.{tensor,pipeline}`).
+
+Co-located, it runs the student's micro-batches (CP chunks included) and its outputs stay where they are
+made. In its own layout it runs its data-parallel share of the step's sequences, whole, and its outputs go
+to the student's last-stage ranks that train on the same sequences (parallel/exchange.py). Either way, for
+the full-vocabulary kinds the student's last stage holds the teacher's output layer cut to the student's
+vocabulary shard (sent once, at start-up), and forms the teacher's logits from its hidden states inside
+the loss.
+"""
+import torch
+import torch.distributed as dist
+
+from checkpoint_tools.pretrained import load_pretrained
+from megatron_opd.loss.kinds import FULL_KINDS
+from megatron_opd.parallel import ParallelDims
+from megatron_opd.parallel.exchange import exchange_rows
+from megatron_opd.teacher.layout import teacher_place
+from megatron_opd.teacher.outputs import deliver, output_fields, per_token_values
+from megatron_opd.trainer.pipeline import final_hidden_states, teacher_pass
+
+
+class MegatronTeacher:
+    def __init__(self, path: str, dtype: str, layout, actor, temperature: float, vocab_size: int,
+                 student: ParallelDims, student_vocab_shard: int):
+        """Collective. `layout`: teacher.parallel; `vocab_size`: the vocabulary both tokenizers share."""
+        self.kind, self.topk, self.temperature, self.vocab_size = actor.kl_loss_type, actor.topk, temperature, vocab_size
+        self.micro_batch_size, self.student = actor.micro_batch_size, student
+        self.place = teacher_place(student, layout.tensor, layout.pipeline)
+        self.arch, self.chunks = load_pretrained(path, self.place.config, dtype, pg_collection=self.place.pg_collection)
+        self.dtype = self.chunks[0].config.params_dtype
+        self.fields = output_fields(self.kind, self.topk, self.arch.hidden_size, self.dtype)
+        self.head_weight = self._head_for_student(student_vocab_shard) if self.kind in FULL_KINDS else None
+        self.bytes_moved = 0
+
+    def _head_for_student(self, shard: int):
+        """Collective. The teacher's output-layer rows of the student's vocabulary shard [V/TP_s, H_t] on the
+        student's last-stage ranks (zeros past the shared vocabulary), None elsewhere."""
+        place, student, hidden = self.place, self.student, self.arch.hidden_size
+        held, held_rows = None, None
+        if place.is_last_stage and place.dp_rank == 0 and place.cp_rank == 0:
+            weight = self.chunks[-1].shared_embedding_or_output_weight().detach()  # [V_t/TP_t, H_t]
+            start = place.tp_rank * weight.shape[0]
+            if start < self.vocab_size:
+                held_rows = (start, min(start + weight.shape[0], self.vocab_size))
+                held = weight[:held_rows[1] - start]
+        wanted = None
+        start = student.tp_rank * shard
+        if student.is_last_stage and start < self.vocab_size:
+            wanted = (start, min(start + shard, self.vocab_size))
+        rows, _ = exchange_rows(held, held_rows, wanted, (hidden,), self.dtype, student.device)
+        if not student.is_last_stage:
+            return None
+        head = torch.zeros(shard, hidden, dtype=self.dtype, device=student.device)
+        if rows is not None:
+            head[:rows.shape[0]] = rows
+        return head
+
+    def _pass(self, micro_batches: list) -> list:
+        full = self.kind in FULL_KINDS
+
+        def keep(output, batch):
+            if full:
+                return {"hidden": output.detach()}
+            return per_token_values(output, batch.labels, self.kind, self.topk, self.temperature, self.vocab_size,
+                                    self.place.tp_group)
+
+        return teacher_pass(self.chunks, micro_batches, keep, self.place.config.context, self.place.pg_collection,
+                            final_hidden_states if full else None)
+
+    def outputs(self, samples, batch, student_micro_batches: list) -> list:
+        """Collective. Per student micro-batch, what the loss needs, on the student's last stage."""
+        if self.place.colocated:
+            return self._pass(student_micro_batches)
+        place = self.place
+        rows = batch.size // place.dp_size
+        mine = (place.dp_rank * rows, (place.dp_rank + 1) * rows)
+        kept = self._pass(batch.rows(*mine).micro_batches(self.micro_batch_size))
+        held = {name: torch.cat([k[name] for k in kept]) for name in self.fields} if place.holds_outputs else {}
+        out, self.bytes_moved = deliver(held, mine if place.holds_outputs else None, self.fields, self.student,
+                                        self.micro_batch_size, batch.size, batch.tokens.shape[1])
+        return out
+
+    def bytes_per_token(self, batch) -> float:
+        """Collective: bytes of teacher outputs sent between ranks this step, per token of the step."""
+        sent = torch.tensor([float(self.bytes_moved)], dtype=torch.float64, device=self.student.device)
+        dist.all_reduce(sent)
+        return sent.item() / batch.tokens.numel()
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,73 @@
+"""What the teacher keeps of a forward pass, per kind of divergence, and how those outputs reach the
+student's micro-batches.
+
+  full kinds (forward, reverse, jsd):  its final hidden states [b, s, H_t]; the student's last stage forms
+                                       the teacher's logits from them chunk by chunk (loss.LinearHead)
+  sampled kinds (kl, abs, mse, ...):   the log-prob of each next token [b, s]
+  top-k kinds:                         top-k ids and log-probs [b, s, K]
+Never the teacher's logits for the step: per token H_t values at most (3584 for a 7B teacher, against
+152064 vocabulary entries).
+"""
+import torch
+import torch.distributed as dist
+
+from megatron_opd.loss import vocab_parallel_log_probs
+from megatron_opd.loss.kinds import FULL_KINDS, SAMPLED_KINDS
+from megatron_opd.parallel.context_parallel import split_sequence
+from megatron_opd.parallel.exchange import exchange_rows
+
+
+def vocab_parallel_topk(logits: torch.Tensor, k: int, vocab_size: int, group) -> torch.Tensor:
+    """Global ids [..., K] of the K largest logits of a vocab-sharded [..., V/TP] (K per rank gathered)."""
+    shard = logits.shape[-1]
+    rank = dist.get_rank(group) if group is not None else 0
+    first = rank * shard
+    padded = torch.arange(first, first + shard, device=logits.device) >= vocab_size
+    values, ids = logits.float().masked_fill(padded, float("-inf")).topk(k, dim=-1)
+    ids = ids + first
+    if group is not None and dist.get_world_size(group) > 1:
+        all_values = [torch.empty_like(values) for _ in range(dist.get_world_size(group))]
+        all_ids = [torch.empty_like(ids) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(all_values, values.contiguous(), group=group)
+        dist.all_gather(all_ids, ids.contiguous(), group=group)
+        values, ids = torch.cat(all_values, -1), torch.cat(all_ids, -1)
+    return ids.gather(-1, values.topk(k, dim=-1).indices)
+
+
+@torch.no_grad()
+def per_token_values(logits: torch.Tensor, labels: torch.Tensor, kind: str, topk: int, temperature: float,
+                     vocab_size: int, group) -> dict:
+    """The sampled or top-k kinds' teacher values from its vocab-sharded logits [b, s, V/TP]."""
+    if kind in SAMPLED_KINDS:
+        return {"logprobs": vocab_parallel_log_probs(logits, labels, temperature, group=group, vocab_size=vocab_size)}
+    ids = vocab_parallel_topk(logits / temperature, topk, vocab_size, group)
+    return {"topk_ids": ids,
+            "topk_logprobs": vocab_parallel_log_probs(logits, ids, temperature, group=group, vocab_size=vocab_size)}
+
+
+def output_fields(kind: str, topk: int, hidden_size: int, dtype: torch.dtype) -> dict:
+    """name -> (trailing shape per token, dtype) of what the teacher keeps for `kind`."""
+    if kind in FULL_KINDS:
+        return {"hidden": ((hidden_size,), dtype)}
+    if kind in SAMPLED_KINDS:
+        return {"logprobs": ((), torch.float32)}
+    return {"topk_ids": ((topk,), torch.long), "topk_logprobs": ((topk,), torch.float32)}
+
+
+def deliver(held: dict, held_rows, fields: dict, student, micro_batch_size: int, total_rows: int,
+            length: int) -> tuple[list, int]:
+    """Collective. Outputs of rows [held_rows] (full sequences of `length` tokens, None where this rank holds
+    none) to the student ranks that train on them — its last stage, each DP rank its share of the step's
+    `total_rows` sequences — cut into its CP chunks and micro-batches. Returns (per micro-batch dicts on the
+    student's last stage, [] elsewhere; bytes this rank sent)."""
+    rows = total_rows // student.dp_size
+    wanted = (student.dp_rank * rows, (student.dp_rank + 1) * rows) if student.is_last_stage else None
+    mine, sent = {}, 0
+    for name, (shape, dtype) in fields.items():
+        mine[name], moved = exchange_rows(held.get(name), held_rows, wanted, (length, *shape), dtype, student.device)
+        sent += moved
+    if wanted is None:
+        return [], sent
+    local = {name: split_sequence(value, student.cp_rank, student.cp_size) for name, value in mine.items()}
+    return [{name: value[i:i + micro_batch_size] for name, value in local.items()}
+            for i in range(0, rows, micro_batch_size)], sent

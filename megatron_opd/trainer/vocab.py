@@ -1,0 +1,46 @@
+"""Can this teacher teach this student token by token? Decided by the tokenizers' content, not their files
+or the configs' vocabulary sizes, which models pad differently (Qwen2.5-0.5B: 151936 rows, Qwen2.5-7B:
+152064, one tokenizer of 151665 entries).
+
+The pair is compatible when every token below the smaller tokenizer's length has the same id in both, and
+the special tokens agree. The divergences then run over that shared vocabulary: ids at or above it —
+padding rows, and rows one model has and the other lacks — are masked on both sides before the softmax.
+"""
+from megatron_opd.trainer.config import ConfigError
+
+SHOWN = 5  # differing tokens named in the error
+
+
+def load_tokenizer(path: str, key: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{key}={path}: no usable tokenizer ({type(err).__name__}: {err}); the model directory "
+                          f"needs its tokenizer files (tokenizer.json / tokenizer_config.json)") from None
+
+
+def _special_tokens(tokenizer) -> dict:
+    return {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens}
+
+
+def shared_vocab_size(student_tokenizer, teacher_tokenizer, student_path: str, teacher_path: str) -> int:
+    """The number of leading ids both tokenizers give the same tokens, or a ConfigError naming both paths."""
+    size = min(len(student_tokenizer), len(teacher_tokenizer))
+    teacher_ids = teacher_tokenizer.get_vocab()
+    differing = sorted((i, token) for token, i in student_tokenizer.get_vocab().items()
+                       if i < size and teacher_ids.get(token) != i)
+    problems = []
+    if differing:
+        problems.append(f"{len(differing)} of the first {size} token ids differ, e.g. "
+                        + ", ".join(f"id {i} {token!r} (teacher: id {teacher_ids.get(token)})"
+                                    for i, token in differing[:SHOWN]))
+    student_special, teacher_special = _special_tokens(student_tokenizer), _special_tokens(teacher_tokenizer)
+    if student_special != teacher_special:
+        problems.append(f"special tokens differ: student {student_special}, teacher {teacher_special}")
+    if problems:
+        raise ConfigError(f"student.path={student_path} and teacher.path={teacher_path} do not share a tokenizer: "
+                          f"{'; '.join(problems)}. On-policy distillation compares their distributions token by "
+                          f"token: use a teacher with the student's tokenizer")
+    return size
