@@ -60,11 +60,13 @@ def tiny_hf_config(family: str, vocab_size: int, **overrides):
 
 def write_tiny_checkpoint(out_dir: str, family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
                           tokenizer=None, **overrides) -> str:
-    """Save a randomly initialised tiny `family` model (safetensors + config + tokenizer) to out_dir."""
+    """Save a randomly initialised tiny `family` model (safetensors + config + tokenizer) to out_dir. The
+    vocabulary is the tokenizer's unless `vocab_size` pads it (as real checkpoints do: rows no token uses)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = tokenizer or train_tokenizer()
-    config = tiny_hf_config(family, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+    vocab_size = overrides.pop("vocab_size", len(tokenizer))
+    config = tiny_hf_config(family, vocab_size=vocab_size, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -20,6 +20,14 @@ from megatron_opd.teacher.outputs import deliver, output_fields, per_token_value
 from megatron_opd.trainer.pipeline import final_hidden_states, teacher_pass
 
 
+def output_weight(model):
+    """The output layer's weight on the last stage, as megatron's GPTModel applies it: the embedding for a
+    tied model, else the output layer's own (`shared_embedding_or_output_weight()` returns the embedding on
+    any stage that has one, tied or not)."""
+    return model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
+        else model.output_layer.weight
+
+
 class MegatronTeacher:
     def __init__(self, path: str, dtype: str, layout, actor, temperature: float, vocab_size: int,
                  student: ParallelDims, student_vocab_shard: int):
@@ -39,7 +47,7 @@ class MegatronTeacher:
         place, student, hidden = self.place, self.student, self.arch.hidden_size
         held, held_rows = None, None
         if place.is_last_stage and place.dp_rank == 0 and place.cp_rank == 0:
-            weight = self.chunks[-1].shared_embedding_or_output_weight().detach()  # [V_t/TP_t, H_t]
+            weight = output_weight(self.chunks[-1]).detach()  # [V_t/TP_t, H_t]
             start = place.tp_rank * weight.shape[0]
             if start < self.vocab_size:
                 held_rows = (start, min(start + weight.shape[0], self.vocab_size))
