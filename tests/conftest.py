@@ -123,6 +123,28 @@ def distill_setup(tmp_path_factory, tiny_tokenizer):
     return paths
 
 
+# Qwen2.5-0.5B-Instruct / Qwen2.5-7B-Instruct's quirks at tiny size: one tokenizer, config vocabularies padded
+# differently past its length (151936 and 152064 rows over 151665 tokens), tied embeddings in the student
+# only, 14 query / 2 KV heads against 28 / 4.
+QWEN_PAIR = {"student": dict(vocab_pad=20, tie_word_embeddings=True, hidden_size=112, num_attention_heads=14,
+                             num_key_value_heads=2, intermediate_size=224, num_hidden_layers=2),
+             "teacher": dict(vocab_pad=84, tie_word_embeddings=False, hidden_size=224, num_attention_heads=28,
+                             num_key_value_heads=4, intermediate_size=448, num_hidden_layers=2)}
+
+
+@pytest.fixture(scope="session")
+def qwen_pair(tmp_path_factory, tiny_tokenizer, distill_setup):
+    """The quirky student and teacher (HF directories) with the distill_setup's prompt files."""
+    root = tmp_path_factory.mktemp("qwen_pair")
+    pair = dict(distill_setup)
+    for role, seed in (("student", 1), ("teacher", 2)):
+        shape = dict(QWEN_PAIR[role])
+        vocab_size = len(tiny_tokenizer) + shape.pop("vocab_pad")
+        pair[role] = write_tiny_checkpoint(str(root / role), "qwen2", seed=seed, tokenizer=tiny_tokenizer,
+                                           vocab_size=vocab_size, **shape)
+    return pair
+
+
 def fixed_data(setup):
     """Overrides that train on the same 4 prompts every step."""
     return [f"data.train_files={setup['fixed']}", "data.shuffle=false"]
