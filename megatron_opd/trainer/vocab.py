@@ -6,14 +6,21 @@ The pair is compatible when every token below the smaller tokenizer's length has
 the special tokens agree. The divergences then run over that shared vocabulary: ids at or above it —
 padding rows, and rows one model has and the other lacks — are masked on both sides before the softmax.
 """
+import os
+
 from megatron_opd.trainer.config import ConfigError
 
 SHOWN = 5  # differing tokens named in the error
+# One of these holds a tokenizer's vocabulary; without any, transformers quietly builds a stand-in.
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def load_tokenizer(path: str, key: str):
     from transformers import AutoTokenizer
 
+    if not any(os.path.isfile(os.path.join(path, name)) for name in VOCABULARY_FILES):
+        raise ConfigError(f"{key}={path}: no tokenizer ({' / '.join(VOCABULARY_FILES)}); the model directory needs "
+                          f"its tokenizer files")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:

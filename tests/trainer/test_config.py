@@ -59,9 +59,10 @@ def test_impossible_layout_and_mismatched_vocab_fail_before_models(distill_setup
     cfg = to_config(composed(*distill_overrides(distill_setup, tmp_path), "parallel.tensor=4"))
     with pytest.raises(ConfigError, match=r"num_key_value_heads=2 is not divisible by parallel.tensor=4"):
         check_layout_and_vocab(cfg, world_size=4)
-    other = write_tiny_checkpoint(str(tmp_path / "other_vocab"), "qwen2", tokenizer=train_tokenizer(vocab_size=280))
+    other = write_tiny_checkpoint(str(tmp_path / "other_vocab"), "qwen2",
+                                  tokenizer=train_tokenizer(["zebras quietly graze beyond violet mountains"]))
     cfg = to_config(composed(*distill_overrides(distill_setup, tmp_path), f"teacher.path={other}"))
-    with pytest.raises(ConfigError, match=r"do not share the vocabulary"):
+    with pytest.raises(ConfigError, match=r"do not share a tokenizer"):
         check_layout_and_vocab(cfg, world_size=1)
 
 
