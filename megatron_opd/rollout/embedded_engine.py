@@ -56,7 +56,13 @@ class EmbeddedEngine(RolloutEngine):
         return samples
 
     def _generate_batch(self, rows: list[list[int]], sampling: SamplingParams) -> list[Sample]:
+        from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+
         width = max(map(len, rows))
+        model_vocab = self.model.config.vocab_size
+        vocab = min(sampling.vocab_size or model_vocab, model_vocab)
+        padding_rows = LogitsProcessorList([SuppressTokensLogitsProcessor(list(range(vocab, model_vocab)), self.device)]
+                                           if vocab < model_vocab else [])
         # Left padding: every row's next token is predicted at the same position.
         input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
@@ -67,11 +73,12 @@ class EmbeddedEngine(RolloutEngine):
             do_sample=not greedy, temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p, top_k=None if greedy or sampling.top_k < 0 else sampling.top_k,
             eos_token_id=stop_ids or None, pad_token_id=self.pad_id, output_logits=True,
-            return_dict_in_generate=True)
+            return_dict_in_generate=True, logits_processor=padding_rows)
         responses = out.sequences[:, width:]
         # Log-probs under the temperature-scaled distribution (SGLang's convention); greedy: unscaled.
         scale = 1.0 if greedy else sampling.temperature
-        step_logprobs = torch.stack(out.logits, dim=1).float().div(scale).log_softmax(-1)  # [b, steps, V]
+        step_logits = torch.stack(out.logits, dim=1)[..., :vocab]  # [b, steps, V]: the raw logits, tokens only
+        step_logprobs = step_logits.float().div(scale).log_softmax(-1)
         picked = step_logprobs.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
         samples = []
         for row, prompt in enumerate(rows):

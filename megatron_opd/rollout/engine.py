@@ -29,6 +29,9 @@ class SamplingParams:
     n: int = 1  # samples per prompt
     stop_token_ids: tuple[int, ...] = ()
     seed: Optional[int] = None
+    # Ids at or above it are no token (the padding rows of a checkpoint's vocabulary): never sampled, and
+    # outside the distribution the log-probs are taken over. None: the model's whole vocabulary.
+    vocab_size: Optional[int] = None
 
     def __post_init__(self):
         if self.max_new_tokens < 0 or self.n < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:

@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Iterator, Optional, TypeVar
 import requests
 import torch
 
+from megatron_opd.models import load_arch
 from megatron_opd.rollout import weight_sync
 from megatron_opd.rollout.engine import (
     RolloutEngine, RolloutError, Sample, SamplingParams, ScoredSequence, StaleWeightsError)
@@ -19,6 +20,7 @@ from megatron_opd.rollout.sglang_server import SGLangConfig, SGLangServer
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _SERVER_GONE = (requests.ConnectionError, requests.Timeout, ConnectionError)
+PADDING_ROW_BIAS = -1e4  # added to a logit: exp(-1e4) is 0 in any float format
 # SGLang 0.5.23's memory regions (sglang.srt.constants.GPU_MEMORY_ALL_TYPES).
 WEIGHTS = "weights"
 MEMORY_TAGS = (WEIGHTS, "kv_cache", "cuda_graph")
@@ -37,6 +39,7 @@ class SGLangEngine(RolloutEngine):
         if config.weight_sync == "distributed":
             weight_sync.DistributedSync.check_placement(device, config.base_gpu_id, config.tensor_parallel)
         self.model_path, self.config, self.device = model_path, config, device
+        self.model_vocab_size = load_arch(model_path).vocab_size
         self.server = SGLangServer(model_path, config, device)
         self.weight_version = 0
         self.restarts = 0
@@ -139,9 +142,17 @@ class SGLangEngine(RolloutEngine):
                           "stop_token_ids": list(sampling.stop_token_ids), "skip_special_tokens": False}
                 if sampling.seed is not None:
                     params["sampling_seed"] = sampling.seed + i * sampling.n + j
+                params.update(self._padding_rows_bias(sampling.vocab_size))
                 bodies.append({"input_ids": list(prompt), "sampling_params": params, "return_logprob": True})
         answers = self._with_recovery("generate", lambda: list(self._pool.map(self._post, bodies)))
         return [self._sample(body["input_ids"], answer) for body, answer in zip(bodies, answers)]
+
+    def _padding_rows_bias(self, vocab_size) -> dict:
+        """SGLang samples from the model's whole vocabulary; ids past `vocab_size` (padding rows, no token)
+        get a bias that makes them unsampleable."""
+        if vocab_size is None or vocab_size >= self.model_vocab_size:
+            return {}
+        return {"logit_bias": {str(i): PADDING_ROW_BIAS for i in range(vocab_size, self.model_vocab_size)}}
 
     def _sample(self, prompt: list[int], answer: dict) -> Sample:
         meta = answer["meta_info"]

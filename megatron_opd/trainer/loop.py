@@ -17,6 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_opd.rollout.engine import RolloutError
 from megatron_opd.trainer import checkpoint
 from megatron_opd.trainer.batch import build_batch
 from megatron_opd.trainer.config import OPDConfig, divergence_temperature
@@ -58,7 +59,13 @@ class Trainer:
         samples = None
         if run.dims.rank == 0:
             samples = [(s.prompt_ids, s.response_ids) for s in run.engine.generate(prompts, run.sampling(step))]
+            beyond = [t for _, response in samples for t in response if t >= run.vocab_size]
+            if beyond:  # broadcast the error so that every rank stops with it
+                samples = RolloutError(f"the engine sampled token id {beyond[0]}, past the {run.vocab_size} ids "
+                                       f"the tokenizers share (a vocabulary padding row, no token)")
         samples = _broadcast(samples)
+        if isinstance(samples, RolloutError):
+            raise samples
         lengths = [len(r) for _, r in samples]
         return samples, {"response_length/mean": sum(lengths) / len(lengths), "response_length/max": max(lengths)}
 

@@ -157,7 +157,7 @@ class Run:
         r = self.cfg.rollout
         return SamplingParams(max_new_tokens=r.response_length, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               n=r.n, stop_token_ids=(self.tokenizer.eos_token_id,),
-                              seed=self.cfg.trainer.seed * 1_000_003 + step)
+                              seed=self.cfg.trainer.seed * 1_000_003 + step, vocab_size=self.vocab_size)
 
     def next_items(self) -> list[dict]:
         items = [self.dataset[i] for i in self.sampler.next_batch()]
@@ -172,7 +172,8 @@ class Run:
         items = [self.val_dataset[i] for i in range(len(self.val_dataset))]
         max_new = self.cfg.trainer.val_max_new_tokens or self.cfg.rollout.response_length
         samples = self.engine.generate([it["input_ids"] for it in items], SamplingParams(
-            max_new_tokens=max_new, temperature=0.0, stop_token_ids=(self.tokenizer.eos_token_id,)))
+            max_new_tokens=max_new, temperature=0.0, stop_token_ids=(self.tokenizer.eos_token_id,),
+            vocab_size=self.vocab_size))
         texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
         return accuracy(texts, [it["ground_truth"] for it in items])
 

@@ -47,3 +47,25 @@ def test_scoring_and_bad_weight_push(embedded):
         embedded.update_weights([("model.not_a_weight", None)], 99)
     with pytest.raises(RolloutError, match=r"left .* parameters unset"):
         embedded.update_weights([], 99)
+
+
+def test_padding_rows_are_never_sampled_and_log_probs_cover_the_tokens_only(qwen_pair, tiny_tokenizer):
+    """The Qwen2.5-like student has 320 rows for 300 tokens; its random weights give the 20 padding rows
+    real probability, which sampling past the tokens would show."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokens = len(tiny_tokenizer)
+    hot = SamplingParams(max_new_tokens=24, temperature=2.0, n=4, seed=0)
+    with EmbeddedEngine(qwen_pair["student"]) as engine:
+        unmasked = engine.generate(PROMPTS, hot)
+        masked = engine.generate(PROMPTS, SamplingParams(**{**hot.__dict__, "vocab_size": tokens}))
+    assert any(t >= tokens for s in unmasked for t in s.response_ids)  # without the bound, padding rows appear
+    assert all(t < tokens for s in masked for t in s.response_ids)
+    model = AutoModelForCausalLM.from_pretrained(qwen_pair["student"], dtype=torch.float32)
+    sample = masked[0]
+    sequence = torch.tensor([sample.prompt_ids + sample.response_ids])
+    with torch.no_grad():
+        logits = model(sequence).logits[0, len(sample.prompt_ids) - 1:-1, :tokens].double() / 2.0
+    expected = logits.log_softmax(-1).gather(-1, torch.tensor(sample.response_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(sample.logprobs, dtype=torch.float64), expected, atol=1e-4)
