@@ -9,14 +9,13 @@ vocabulary shard (sent once, at start-up), and forms the teacher's logits from i
 the loss.
 """
 import torch
-import torch.distributed as dist
 
 from checkpoint_tools.pretrained import load_pretrained
 from megatron_opd.loss.kinds import FULL_KINDS
 from megatron_opd.parallel import ParallelDims
 from megatron_opd.parallel.exchange import exchange_rows
 from megatron_opd.teacher.layout import teacher_place
-from megatron_opd.teacher.outputs import deliver, output_fields, per_token_values
+from megatron_opd.teacher.outputs import bytes_per_token, deliver, output_fields, per_token_values
 from megatron_opd.trainer.pipeline import final_hidden_states, teacher_pass
 
 
@@ -90,10 +89,7 @@ class MegatronTeacher:
         return out
 
     def bytes_per_token(self, batch) -> float:
-        """Collective: bytes of teacher outputs sent between ranks this step, per token of the step."""
-        sent = torch.tensor([float(self.bytes_moved)], dtype=torch.float64, device=self.student.device)
-        dist.all_reduce(sent)
-        return sent.item() / batch.tokens.numel()
+        return bytes_per_token(self.bytes_moved, batch, self.student.device)
 
     def close(self) -> None:
         pass

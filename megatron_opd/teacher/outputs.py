@@ -54,6 +54,13 @@ def output_fields(kind: str, topk: int, hidden_size: int, dtype: torch.dtype) ->
     return {"topk_ids": ((topk,), torch.long), "topk_logprobs": ((topk,), torch.float32)}
 
 
+def bytes_per_token(sent: int, batch, device: torch.device) -> float:
+    """Collective: bytes of teacher outputs all ranks sent to others this step, per token of the step."""
+    total = torch.tensor([float(sent)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.item() / batch.tokens.numel()
+
+
 def deliver(held: dict, held_rows, fields: dict, student, micro_batch_size: int, total_rows: int,
             length: int) -> tuple[list, int]:
     """Collective. Outputs of rows [held_rows] (full sequences of `length` tokens, None where this rank holds

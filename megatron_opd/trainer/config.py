@@ -62,6 +62,14 @@ class TeacherConfig(ModelConfig):
     def __post_init__(self):
         super().__post_init__()
         _one_of("teacher.engine", self.engine, TEACHER_ENGINES)
+        _check(self.url is None or self.engine == "sglang", "teacher.url", self.url,
+               "names a served teacher's SGLang server: set teacher.engine=sglang, or teacher.url=null")
+        _check(self.url is None or self.url.startswith(("http://", "https://")), "teacher.url", self.url,
+               "must be the server's http(s):// address, e.g. http://127.0.0.1:30000")
+        for key in ("tensor", "pipeline"):
+            _check(self.engine == "megatron" or getattr(self.parallel, key) is None, f"teacher.parallel.{key}",
+                   getattr(self.parallel, key), "is the Megatron teacher's layout; a served teacher "
+                   "(teacher.engine=sglang) takes its GPUs from teacher.sglang (tensor_parallel, base_gpu_id)")
 
 
 @dataclass
@@ -179,6 +187,12 @@ class OPDConfig:
                    self.actor.kl_loss_type, "needs the teacher's whole distribution, which a served teacher "
                    "(teacher.engine=sglang) does not send: use a sampled-token kind (kl|abs|mse|low_var_kl), "
                    "topk_forward|topk_reverse with actor.topk, or teacher.engine=megatron")
+            temperature = divergence_temperature(self)
+            _check(self.teacher.engine != "sglang" or temperature == 1.0, "actor.kl_temperature",
+                   self.actor.kl_temperature, f"the divergence would run at temperature {temperature:g} (null: "
+                   f"rollout.temperature), but a served teacher (teacher.engine=sglang) scores at 1: SGLang applies no "
+                   f"temperature to the log-probs of given tokens. Set actor.kl_temperature=1.0 (the student then "
+                   f"enters at 1 too), or use teacher.engine=megatron")
         batch = self.data.train_batch_size
         mini = self.actor.ppo_mini_batch_size or batch
         _check(batch % mini == 0, "actor.ppo_mini_batch_size", mini,
