@@ -22,10 +22,8 @@ On CUDA: torch.cuda.max_memory_allocated above the inputs.
 A method whose projected peak exceeds --max-gb (all ranks together) is skipped and reported as such.
 """
 import argparse
-import ctypes
 import gc
 import os
-import re
 import time
 
 import torch
@@ -33,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_opd.loss import vocab_parallel_divergence
+from peak_memory import peak_since, start_measuring
 from megatron_opd.parallel.local_group import run_local
 
 GIB = 1 << 30
@@ -123,26 +122,6 @@ def ours(student, teacher, group, kind):
 FUNCTIONS = {"a": ours, "b": gathered_torch, "c": unchunked_vocab_parallel}
 
 
-_LIBC = ctypes.CDLL("libc.so.6")
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def _mmap_threshold(nbytes):
-    """Fix glibc's mmap threshold (which stops its dynamic adjustment) and, as that adjustment would, a
-    trim threshold of twice it, so that a freed buffer at the heap's top is kept for reuse."""
-    _LIBC.mallopt(_M_MMAP_THRESHOLD, nbytes)
-    _LIBC.mallopt(_M_TRIM_THRESHOLD, 2 * nbytes)
-
-
-def _status_mib(field):
-    return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
-
-
-def _reset_peak_rss():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _fwd_bwd(fn, student, teacher, group, kind):
     leaf = student.detach().requires_grad_(True)
     value = fn(leaf, teacher, group, kind)
@@ -159,18 +138,13 @@ def _cpu_worker(rank, world_size, vocab, tokens, kind, methods, reps):
     results = {}
     for method in methods:
         fn = FUNCTIONS[method]
-        _mmap_threshold(1 << 16)
-        gc.collect()
-        _LIBC.malloc_trim(0)
         if group is not None:
             dist.barrier(group=group)
-        _reset_peak_rss()
-        base = _status_mib("VmRSS")
+        base = start_measuring()
         value, grad = _fwd_bwd(fn, student, teacher, group, kind)
-        peak = _status_mib("VmHWM") - base
+        peak = peak_since(base)
         grad_mib = grad.numel() * grad.element_size() / 2 ** 20
         del grad
-        _mmap_threshold(32 << 20)
         times = []
         for _ in range(reps):
             gc.collect()

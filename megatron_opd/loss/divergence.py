@@ -135,8 +135,10 @@ def vocab_parallel_divergence(student_logits: torch.Tensor, teacher: Union[torch
         raise ValueError(f"beta={beta} must be in [0, 1]")
     shard = vocab_shard(group, student_logits.shape[-1], vocab_size)
     student = student_logits.reshape(-1, shard.size)  # [N, V/TP]
-    constants = teacher.flat(student_logits.shape) if isinstance(teacher, LinearHead) else (
-        _teacher_logits(teacher, student_logits.shape),)
+    if isinstance(teacher, LinearHead):
+        constants, chunk_size = teacher.flat(student_logits.shape), chunk_size or teacher.chunk_size()
+    else:
+        constants = (_teacher_logits(teacher, student_logits.shape),)
     args = (shard, student, chunk_size, temperature, compute_dtype(student, *constants))
     if kind == "jsd" and 0.0 < beta < 1.0:
         kernel = _JSDKernel(float(beta), *args)
