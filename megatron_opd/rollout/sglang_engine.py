@@ -2,6 +2,7 @@
 every optimizer step, and recovery from a server that dies or stops answering (restart it, restore the
 current weights, retry the interrupted batch a bounded number of times). A server colocated with the
 trainer on its GPUs frees their memory while the trainer updates the model (sleep/wake_up)."""
+import functools
 import logging
 import os
 import tempfile
@@ -39,7 +40,6 @@ class SGLangEngine(RolloutEngine):
         if config.weight_sync == "distributed":
             weight_sync.DistributedSync.check_placement(device, config.base_gpu_id, config.tensor_parallel)
         self.model_path, self.config, self.device = model_path, config, device
-        self.model_vocab_size = load_arch(model_path).vocab_size
         self.server = SGLangServer(model_path, config, device)
         self.weight_version = 0
         self.restarts = 0
@@ -146,6 +146,11 @@ class SGLangEngine(RolloutEngine):
                 bodies.append({"input_ids": list(prompt), "sampling_params": params, "return_logprob": True})
         answers = self._with_recovery("generate", lambda: list(self._pool.map(self._post, bodies)))
         return [self._sample(body["input_ids"], answer) for body, answer in zip(bodies, answers)]
+
+    @functools.cached_property
+    def model_vocab_size(self) -> int:
+        """Rows of the served model's vocabulary (its config's, padding included)."""
+        return load_arch(self.model_path).vocab_size
 
     def _padding_rows_bias(self, vocab_size) -> dict:
         """SGLang samples from the model's whole vocabulary; ids past `vocab_size` (padding rows, no token)

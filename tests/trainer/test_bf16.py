@@ -17,7 +17,7 @@ def _dtypes_and_curve(rank, world_size, cfg):
     run = trainer.run
     adam = run.optimizer.chained_optimizers[0].optimizer
     dtypes = {"student": {p.dtype for p in run.student[0].parameters()},
-              "teacher": {p.dtype for p in run.teacher[0].parameters()},
+              "teacher": {p.dtype for p in run.teacher.chunks[0].parameters()},
               "main_params": {p.dtype for group in adam.param_groups for p in group["params"]},
               "main_grads": {p.main_grad.dtype for p in run.student[0].parameters()}}
     history = trainer.train()

@@ -70,7 +70,7 @@ def test_every_factory_in_a_distillation_run_names_its_device(distill_setup, tmp
                                                              "actor.topk=4", "actor.entropy_coeff=0.01"),
                                    timeout_s=600))
     # The check saw the places that make the step's tensors (it cannot pass by watching nothing).
-    for site in ("megatron_opd/trainer/batch.py", "megatron_opd/trainer/objective.py",
+    for site in ("megatron_opd/trainer/batch.py", "megatron_opd/teacher/outputs.py",
                  "megatron_opd/rollout/embedded_engine.py", "megatron_opd/parallel/dims.py",
                  "megatron_opd/trainer/preemption.py", "checkpoint_tools/hf_files.py"):
         assert any(where.startswith(site) for where in placed), (site, sorted(placed))
