@@ -129,23 +129,26 @@ def vocab_parallel_divergence(student_logits: torch.Tensor, teacher: Union[torch
     replicated on the TP ranks. `teacher`: logits of the same shape, or a `LinearHead`. `vocab_size` (the
     true size) excludes vocabulary padding: columns at or above it take no part, on either side.
     Extra memory is a few [chunk_size, V/TP] fp32 buffers; only per-token scalars cross ranks."""
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta={beta} must be in [0, 1]")
     shard = vocab_shard(group, student_logits.shape[-1], vocab_size)
     student = student_logits.reshape(-1, shard.size)  # [N, V/TP]
     if isinstance(teacher, LinearHead):
         constants, chunk_size = teacher.flat(student_logits.shape), chunk_size or teacher.chunk_size()
     else:
         constants = (_teacher_logits(teacher, student_logits.shape),)
-    args = (shard, student, chunk_size, temperature, compute_dtype(student, *constants))
-    if kind == "jsd" and 0.0 < beta < 1.0:
-        kernel = _JSDKernel(float(beta), *args)
-    else:
-        student_is_p = kind == "reverse" or (kind == "jsd" and beta == 1.0)
-        kernel = _KLKernel(student_is_p, *args)
+    kernel = divergence_kernel(kind, beta, shard, student, chunk_size, temperature, compute_dtype(student, *constants))
     return chunked_loss(kernel, student, *constants).view(student_logits.shape[:-1])
+
+
+def divergence_kernel(kind: str, beta: float, shard, student, chunk_size, temperature: float, dtype) -> ChunkKernel:
+    """The chunk kernel of `kind` over the student's logits [N, V/TP] (a tensor, or logits formed per chunk)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta} must be in [0, 1]")
+    args = (shard, student, chunk_size, temperature, dtype)
+    if kind == "jsd" and 0.0 < beta < 1.0:
+        return _JSDKernel(float(beta), *args)
+    return _KLKernel(kind == "reverse" or (kind == "jsd" and beta == 1.0), *args)
 
 
 def _teacher_logits(teacher_logits: torch.Tensor, student_shape) -> torch.Tensor:

@@ -12,7 +12,7 @@ from megatron_opd.loss.vocab_parallel import (
     ChunkKernel, chunked_loss, compute_dtype, local_max, shifted_logits, vocab_shard, weighted_row_sum)
 
 
-class _LogProbKernel(ChunkKernel):
+class LogProbKernel(ChunkKernel):
     """stats per token: max, log-normaliser."""
 
     def __init__(self, num_ids, *args):
@@ -26,8 +26,9 @@ class _LogProbKernel(ChunkKernel):
         return local.clamp(0, max(self.shard.valid - 1, 0)), owned
 
     def forward_chunk(self, rows, logits, token_ids):
-        max_ = self.shard.all_reduce_max(local_max(logits[rows], self.dtype))
-        shifted = shifted_logits(logits[rows], max_, self.inv_temperature)  # [C, v]
+        chunk = logits[rows]  # [C, v]; for projected logits, formed here
+        max_ = self.shard.all_reduce_max(local_max(chunk, self.dtype))
+        shifted = shifted_logits(chunk, max_, self.inv_temperature)
         local, owned = self.owned(token_ids[rows])
         picked = torch.zeros(owned.shape, dtype=self.dtype, device=shifted.device)
         if self.shard.valid:
@@ -46,12 +47,13 @@ class _LogProbKernel(ChunkKernel):
         out.copy_(probs)
 
 
-class _EntropyKernel(ChunkKernel):
+class EntropyKernel(ChunkKernel):
     """stats per token: max, log-normaliser, entropy."""
 
     def forward_chunk(self, rows, logits):
-        max_ = self.shard.all_reduce_max(local_max(logits[rows], self.dtype))
-        shifted = shifted_logits(logits[rows], max_, self.inv_temperature)  # [C, v]
+        chunk = logits[rows]  # [C, v]; for projected logits, formed here
+        max_ = self.shard.all_reduce_max(local_max(chunk, self.dtype))
+        shifted = shifted_logits(chunk, max_, self.inv_temperature)
         unnormalised = shifted.exp()
         sums = self.shard.all_reduce_sum(
             torch.stack([unnormalised.sum(-1), weighted_row_sum(unnormalised, shifted)], dim=-1))
@@ -68,24 +70,28 @@ class _EntropyKernel(ChunkKernel):
         torch.mul(weighted, scale, out=out)
 
 
+def flat_token_ids(token_ids: torch.Tensor, lead: tuple, shard, vocab_size) -> torch.Tensor:
+    """`token_ids` [*lead] or [*lead, K], checked against the true vocabulary, as [N, K]."""
+    one_per_token = tuple(token_ids.shape) == tuple(lead)
+    if not one_per_token and tuple(token_ids.shape[:-1]) != tuple(lead):
+        raise ValueError(f"token_ids {tuple(token_ids.shape)} must have the logits' leading shape "
+                         f"{tuple(lead)}, optionally followed by K ids per position")
+    true_vocab = vocab_size if vocab_size is not None else shard.world_size * shard.size
+    if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= true_vocab):
+        raise ValueError(f"token ids must lie in [0, {true_vocab}); got [{int(token_ids.min())}, "
+                         f"{int(token_ids.max())}]")
+    return token_ids.reshape(-1, 1 if one_per_token else token_ids.shape[-1]).long()
+
+
 def vocab_parallel_log_probs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
                              group=None, chunk_size=None, vocab_size=None) -> torch.Tensor:
     """log softmax(logits / T)[token_ids] with logits [..., V/TP] sharded over `group`'s vocabulary and
     global `token_ids` [...] (one per position) or [..., K] (K per position). Returns the ids' shape
     in fp32 (fp64 for fp64 logits), replicated on the TP ranks; differentiable w.r.t. `logits`."""
-    lead = logits.shape[:-1]
-    one_per_token = token_ids.shape == lead
-    if not one_per_token and token_ids.shape[:-1] != lead:
-        raise ValueError(f"token_ids {tuple(token_ids.shape)} must have the logits' leading shape "
-                         f"{tuple(lead)}, optionally followed by K ids per position")
     shard = vocab_shard(group, logits.shape[-1], vocab_size)
-    true_vocab = vocab_size if vocab_size is not None else shard.world_size * shard.size
-    if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= true_vocab):
-        raise ValueError(f"token ids must lie in [0, {true_vocab}); got [{int(token_ids.min())}, "
-                         f"{int(token_ids.max())}]")
-    ids = token_ids.reshape(-1, 1 if one_per_token else token_ids.shape[-1]).long()  # [N, K]
+    ids = flat_token_ids(token_ids, logits.shape[:-1], shard, vocab_size)  # [N, K]
     flat = logits.reshape(-1, shard.size)  # [N, V/TP]
-    kernel = _LogProbKernel(ids.shape[1], shard, flat, chunk_size, temperature, compute_dtype(flat))
+    kernel = LogProbKernel(ids.shape[1], shard, flat, chunk_size, temperature, compute_dtype(flat))
     return chunked_loss(kernel, flat, ids).view(token_ids.shape)
 
 
@@ -95,5 +101,5 @@ def vocab_parallel_entropy(logits: torch.Tensor, temperature: float = 1.0, group
     Returns [...] in fp32 (fp64 for fp64 logits), replicated on the TP ranks; differentiable."""
     shard = vocab_shard(group, logits.shape[-1], vocab_size)
     flat = logits.reshape(-1, shard.size)  # [N, V/TP]
-    kernel = _EntropyKernel(shard, flat, chunk_size, temperature, compute_dtype(flat))
+    kernel = EntropyKernel(shard, flat, chunk_size, temperature, compute_dtype(flat))
     return chunked_loss(kernel, flat).view(logits.shape[:-1])

@@ -45,12 +45,21 @@ def topk_divergence(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor
                          f"leading shape {tuple(student_logits.shape[:-1])} followed by K")
     student_topk = vocab_parallel_log_probs(student_logits, teacher_topk_ids, temperature=temperature,
                                             group=group, chunk_size=chunk_size, vocab_size=vocab_size)
+    return topk_bucket_divergence(student_topk, teacher_topk_logprobs, kind)
+
+
+def topk_bucket_divergence(student_topk_logprobs: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                           kind: str = "reverse") -> torch.Tensor:
+    """KL over the K + 1 buckets from both sides' log-probs [..., K] of the teacher's top-k ids; differentiable
+    w.r.t. the student's. Returns [...] in the student log-probs' dtype."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
     # The tail 1 - sum_k p[k] is ill-conditioned when the top-k holds nearly all the mass (a 1e-3 tail
     # loses three digits), so the [..., K + 1] bucket math runs in float64; it is O(K) per token.
-    student_buckets = with_tail_bucket(student_topk.double())  # [..., K + 1]
+    student_buckets = with_tail_bucket(student_topk_logprobs.double())  # [..., K + 1]
     teacher_buckets = with_tail_bucket(teacher_topk_logprobs.detach().double())
     if kind == "forward":
         divergence = (teacher_buckets.exp() * (teacher_buckets - student_buckets)).sum(-1)
     else:
         divergence = (student_buckets.exp() * (student_buckets - teacher_buckets)).sum(-1)
-    return divergence.to(student_topk.dtype)
+    return divergence.to(student_topk_logprobs.dtype)

@@ -54,6 +54,11 @@ class VocabShard:
         return values
 
 
+def head_chunk_size(shard_size: int) -> int:
+    """Tokens per chunk when the chunk's logits come from a matmul with a [shard_size, H] output layer."""
+    return max(1, HEAD_CHUNK_ELEMENTS // max(1, shard_size))
+
+
 @dataclass(frozen=True)
 class LinearHead:
     """A model's output as its final hidden states [..., H] and an output-layer shard [V/TP, H] (rows in
@@ -62,7 +67,7 @@ class LinearHead:
     weight: torch.Tensor
 
     def chunk_size(self) -> int:
-        return max(1, HEAD_CHUNK_ELEMENTS // self.weight.shape[0])
+        return head_chunk_size(self.weight.shape[0])
 
     def flat(self, logits_shape) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden [N, H], weight [V/TP, H]), checked against the logits [..., V/TP] they stand for."""

@@ -16,15 +16,8 @@ from megatron_opd.parallel import ParallelDims
 from megatron_opd.parallel.exchange import exchange_rows
 from megatron_opd.teacher.layout import teacher_place
 from megatron_opd.teacher.outputs import bytes_per_token, deliver, output_fields, per_token_values
-from megatron_opd.trainer.pipeline import final_hidden_states, teacher_pass
-
-
-def output_weight(model):
-    """The output layer's weight on the last stage, as megatron's GPTModel applies it: the embedding for a
-    tied model, else the output layer's own (`shared_embedding_or_output_weight()` returns the embedding on
-    any stage that has one, tied or not)."""
-    return model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
-        else model.output_layer.weight
+from megatron_opd.models.head import final_hidden_states, output_weight
+from megatron_opd.trainer.pipeline import teacher_pass
 
 
 class MegatronTeacher:

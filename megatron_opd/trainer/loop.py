@@ -17,6 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_opd.models.head import output_weight
 from megatron_opd.rollout.engine import RolloutError
 from megatron_opd.trainer import checkpoint
 from megatron_opd.trainer.batch import build_batch
@@ -76,13 +77,14 @@ class Trainer:
 
         cfg, run, dims = self.cfg, self.run, self.run.dims
         counts = response_counts([mb.loss_mask for mb in mini], dp_group=dims.dp_group, cp_group=dims.cp_group)
+        weight = output_weight(run.student[-1]) if dims.is_last_stage else None  # [V/TP, H], tied or not
 
-        def share(index, logits, mb):
+        def share(index, hidden, mb):
             if cfg.trainer.mode == "sft":
-                return sft_loss(logits, mb.labels, mb.loss_mask, run.vocab_size, dims.tp_group, counts, index,
+                return sft_loss(hidden, weight, mb.labels, mb.loss_mask, run.vocab_size, dims.tp_group, counts, index,
                                 cfg.actor.loss_agg_mode)
-            return student_loss(logits, mb.labels, mb.loss_mask, teacher[index], run.teacher.head_weight, cfg.actor,
-                                divergence_temperature(cfg), run.vocab_size, dims.tp_group, counts, index)
+            return student_loss(hidden, weight, mb.labels, mb.loss_mask, teacher[index], run.teacher.head_weight,
+                                cfg.actor, divergence_temperature(cfg), run.vocab_size, dims.tp_group, counts, index)
 
         for chunk in run.ddp:
             chunk.zero_grad_buffer()

@@ -1,21 +1,14 @@
 """The teacher's forward-only pass and the student's forward-backward, both through megatron's pipeline
-schedule over a list of micro-batches. Outputs live on the last pipeline stage. The schedule runs on
-megatron's global groups, or on a model's own (`pg_collection`: a teacher in a layout of its own)."""
+schedule over a list of micro-batches. Outputs live on the last pipeline stage: the student's final hidden
+states (its loss applies the output layer, fused), the teacher's hidden states or logits. The schedule runs
+on megatron's global groups, or on a model's own (`pg_collection`: a teacher in a layout of its own)."""
 from typing import Callable, Optional
 
 import torch
 
 from megatron_opd.models.forward import per_chunk_iterators
+from megatron_opd.models.head import final_hidden_states
 from megatron_opd.trainer.batch import TokenBatch
-
-
-def final_hidden_states(hidden_states, config, **_):
-    """GPTModel's `output_processor`: the final-norm hidden states [b, s, H] instead of the logits."""
-    if config.sequence_parallel:
-        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
-        hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
-    return hidden_states.transpose(0, 1)
 
 
 def _run(chunks, micro_batches: list[TokenBatch], loss_of: Callable, forward_only: bool, cp_size: int,
@@ -60,13 +53,14 @@ def teacher_pass(chunks, micro_batches: list[TokenBatch], keep: Callable, cp_siz
 
 
 def student_pass(chunks, micro_batches: list[TokenBatch], loss_share: Callable, scale: float, cp_size: int) -> list[dict]:
-    """loss_share(index, logits, batch) -> (share of the global loss, metrics). The schedule divides each
-    loss by the number of micro-batches and multiplies it by CP, and DDP averages over the DP x CP ranks;
-    `scale` (micro-batches x DP) undoes all three, so the gradients are those of the sum of the shares."""
-    def loss_of(index, batch, logits):
-        share, metrics = loss_share(index, logits, batch)
+    """loss_share(index, hidden, batch) -> (share of the global loss, metrics), with the last stage's final
+    hidden states [mb, s/CP, H]. The schedule divides each loss by the number of micro-batches and multiplies
+    it by CP, and DDP averages over the DP x CP ranks; `scale` (micro-batches x DP) undoes all three, so the
+    gradients are those of the sum of the shares."""
+    def loss_of(index, batch, hidden):
+        share, metrics = loss_share(index, hidden, batch)
         return share * scale, {name: value.detach() for name, value in metrics.items()}
 
     for chunk in chunks:
         chunk.train()
-    return _run(chunks, micro_batches, loss_of, False, cp_size)
+    return _run(chunks, micro_batches, loss_of, False, cp_size, output_processor=final_hidden_states)

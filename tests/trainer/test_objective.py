@@ -1,4 +1,4 @@
-"""The temperature convention, end to end through what the teacher keeps and the student's per-token loss:
+"""The temperature convention, end to end through what the teacher keeps and the student's fused per-token loss:
 both distributions enter every divergence at one temperature tau (actor.kl_temperature, by default the
 rollout temperature) — the full kinds as KL/JSD between softmax(s / tau) and softmax(t / tau), the sampled
 kinds on log-probs of those, the top-k kinds on the teacher's top-k of softmax(t / tau) — and teacher = student
@@ -6,7 +6,6 @@ gives 0 at any tau."""
 import pytest
 import torch
 
-from megatron_opd.loss import LinearHead
 from megatron_opd.teacher.outputs import per_token_values
 from megatron_opd.trainer.config import ActorConfig, OPDConfig, divergence_temperature
 from megatron_opd.trainer.objective import per_token_kl
@@ -17,31 +16,32 @@ TAU = 0.7
 
 
 def setup(seed=0):
+    """The student as hidden states and an output layer, and the teacher's the same way."""
     gen = torch.Generator().manual_seed(seed)
-    student = torch.randn(2, 5, PADDED, generator=gen, dtype=torch.float64) * 2
-    hidden = torch.randn(2, 5, HIDDEN, generator=gen, dtype=torch.float64)
-    weight = torch.randn(PADDED, HIDDEN, generator=gen, dtype=torch.float64)
-    labels = torch.randint(0, VOCAB, (2, 5), generator=gen)
-    return student, hidden, weight, labels
+    draw = lambda *shape, scale=1.0: torch.randn(*shape, generator=gen, dtype=torch.float64) * scale  # noqa: E731
+    student = (draw(2, 5, HIDDEN), draw(PADDED, HIDDEN, scale=2.0))
+    teacher = (draw(2, 5, HIDDEN), draw(PADDED, HIDDEN))
+    return student, teacher, torch.randint(0, VOCAB, (2, 5), generator=gen)
 
 
-def kl(kind, student, teacher_logits, hidden, weight, labels, tau, **actor):
+def kl(kind, student, teacher, labels, tau, **actor):
     actor = ActorConfig(kl_loss_type=kind, **actor)
     if kind in ("forward", "reverse", "jsd"):
-        kept, head = {"hidden": hidden}, weight
+        kept, head = {"hidden": teacher[0]}, teacher[1]
     else:
-        kept, head = per_token_values(teacher_logits, labels, kind, actor.topk, tau, VOCAB, None), None
-    return per_token_kl(student, labels, kept, head, actor, tau, VOCAB, None)
+        kept, head = per_token_values(teacher[0] @ teacher[1].T, labels, kind, actor.topk, tau, VOCAB, None), None
+    return per_token_kl(*student, labels, kept, head, actor, tau, VOCAB, None)
 
 
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd", "kl", "low_var_kl", "topk_forward", "topk_reverse"])
 def test_both_sides_enter_at_the_divergence_temperature(kind):
-    student, hidden, weight, labels = setup()
-    teacher = hidden @ weight.T
-    got = kl(kind, student, teacher, hidden, weight, labels, TAU, topk=VOCAB)
-    log_s, log_t = reference.log_softmax(student, VOCAB, TAU), reference.log_softmax(teacher, VOCAB, TAU)
+    student, teacher, labels = setup()
+    got = kl(kind, student, teacher, labels, TAU, topk=VOCAB)
+    student_logits, teacher_logits = student[0] @ student[1].T, teacher[0] @ teacher[1].T
+    log_s = reference.log_softmax(student_logits, VOCAB, TAU)
+    log_t = reference.log_softmax(teacher_logits, VOCAB, TAU)
     if kind in ("forward", "reverse", "jsd"):
-        expected = reference.divergence(student, teacher, kind, 0.5, TAU, VOCAB)
+        expected = reference.divergence(student_logits, teacher_logits, kind, 0.5, TAU, VOCAB)
     else:
         # A top-k of the whole vocabulary leaves an empty tail: the exact KL. The sampled kinds' estimators
         # are functions of d = log p_s(y) - log p_t(y) at the label y (k3 clamped as in verl).
@@ -55,9 +55,8 @@ def test_both_sides_enter_at_the_divergence_temperature(kind):
 
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd", "kl", "low_var_kl", "topk_reverse"])
 def test_teacher_equal_to_student_gives_zero_at_any_temperature(kind):
-    student, hidden, weight, labels = setup()
-    same = hidden @ weight.T
-    assert kl(kind, same, same, hidden, weight, labels, 1.6, topk=8).abs().max() < 1e-12, kind
+    student, _, labels = setup()
+    assert kl(kind, student, student, labels, 1.6, topk=8).abs().max() < 1e-12, kind
 
 
 def test_kl_temperature_defaults_to_the_rollout_temperature():
@@ -70,9 +69,8 @@ def test_kl_temperature_defaults_to_the_rollout_temperature():
         ActorConfig(kl_temperature=0.0)
 
 
-def test_linear_head_takes_the_students_shard_rows_only():
-    student, hidden, weight, labels = setup()
+def test_the_teachers_head_must_be_cut_to_the_students_shard():
+    student, teacher, labels = setup()
     with pytest.raises(ValueError, match="cannot stand for logits"):
-        per_token_kl(student, labels, {"hidden": hidden}, weight[:20], ActorConfig(kl_loss_type="reverse"), 1.0,
-                     VOCAB, None)
-    assert isinstance(LinearHead(hidden, weight), LinearHead)
+        per_token_kl(*student, labels, {"hidden": teacher[0]}, teacher[1][:20], ActorConfig(kl_loss_type="reverse"),
+                     1.0, VOCAB, None)
