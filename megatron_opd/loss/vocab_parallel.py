@@ -20,10 +20,12 @@ import torch.distributed as dist
 # buffers near the caches (measured 2x faster than 64 MiB chunks); on GPU 64 MiB makes the per-chunk
 # kernel launches and collectives negligible. Either way the workspace does not grow with T.
 DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
-# A LinearHead's chunk re-reads the whole output-layer shard [V/TP, H] for its matmul: chunks large enough
-# that the matmul, not that read, takes the time (measured on CPU at V=152k: 6-token chunks made the loss
-# 4x slower than logits read from memory). 64 MiB of fp32 logits per chunk: 110 tokens at V=152k.
-HEAD_CHUNK_ELEMENTS = 1 << 24
+# A chunk of logits formed from an output layer re-reads the whole shard [V/TP, H] for its matmul, and a
+# fused backward adds the chunk's rank-C update to the [V/TP, H] weight gradient: chunks large enough that
+# the matmuls, not those passes over V x H, take the time (measured on CPU at V=152k: 6-token chunks made
+# the loss 4x slower, 110-token ones the fused backward 2.6x slower than 440-token ones). 256 MiB of fp32
+# logits per chunk: 441 tokens at V=152k.
+HEAD_CHUNK_ELEMENTS = 1 << 26
 
 
 def resolve_group(group):
