@@ -58,7 +58,7 @@ def generate(cfg: GenerateConfig) -> float:
     from megatron_opd.data.prompt_dataset import PromptDataset
     from megatron_opd.models.builder import resolve_dtype
     from megatron_opd.parallel import resolve_device
-    from megatron_opd.rollout.embedded_engine import make_engine
+    from megatron_opd.rollout.factory import make_engine
     from megatron_opd.rollout.engine import SamplingParams
     from megatron_opd.trainer.setup import model_dtype
 

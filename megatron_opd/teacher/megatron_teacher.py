@@ -15,7 +15,8 @@ from megatron_opd.loss.kinds import FULL_KINDS
 from megatron_opd.parallel import ParallelDims
 from megatron_opd.parallel.exchange import exchange_rows
 from megatron_opd.teacher.layout import teacher_place
-from megatron_opd.teacher.outputs import bytes_per_token, deliver, output_fields, per_token_values
+from megatron_opd.teacher.outputs import bytes_per_token, deliver, output_fields, per_token_values, whole_rows
+from megatron_opd.trainer.batch import split_micro_batches
 from megatron_opd.models.head import final_hidden_states, output_weight
 from megatron_opd.trainer.pipeline import teacher_pass
 
@@ -25,7 +26,7 @@ class MegatronTeacher:
                  student: ParallelDims, student_vocab_shard: int):
         """Collective. `layout`: teacher.parallel; `vocab_size`: the vocabulary both tokenizers share."""
         self.kind, self.topk, self.temperature, self.vocab_size = actor.kl_loss_type, actor.topk, temperature, vocab_size
-        self.micro_batch_size, self.student = actor.micro_batch_size, student
+        self.actor, self.student = actor, student
         self.place = teacher_place(student, layout.tensor, layout.pipeline)
         self.arch, self.chunks = load_pretrained(path, self.place.config, dtype, pg_collection=self.place.pg_collection)
         self.dtype = self.chunks[0].config.params_dtype
@@ -72,13 +73,16 @@ class MegatronTeacher:
         """Collective. Per student micro-batch, what the loss needs, on the student's last stage."""
         if self.place.colocated:
             return self._pass(student_micro_batches)
-        place = self.place
+        place, length = self.place, batch.tokens.shape[1]
         rows = batch.size // place.dp_size
         mine = (place.dp_rank * rows, (place.dp_rank + 1) * rows)
-        kept = self._pass(batch.rows(*mine).micro_batches(self.micro_batch_size))
-        held = {name: torch.cat([k[name] for k in kept]) for name in self.fields} if place.holds_outputs else {}
+        micro = split_micro_batches(batch.rows(*mine), self.actor.micro_batch_size, self.actor.max_tokens_per_micro_batch,
+                                    place.config.sequence_multiple)
+        kept = self._pass(micro)
+        held = (whole_rows(kept, micro, self.fields, mine[0], rows, length, self.student.device)
+                if place.holds_outputs else {})
         out, self.bytes_moved = deliver(held, mine if place.holds_outputs else None, self.fields, self.student,
-                                        self.micro_batch_size, batch.size, batch.tokens.shape[1])
+                                        student_micro_batches, batch.size, length)
         return out
 
     def bytes_per_token(self, batch) -> float:

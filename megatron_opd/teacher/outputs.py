@@ -61,20 +61,36 @@ def bytes_per_token(sent: int, batch, device: torch.device) -> float:
     return total.item() / batch.tokens.numel()
 
 
-def deliver(held: dict, held_rows, fields: dict, student, micro_batch_size: int, total_rows: int,
+def deliver(held: dict, held_rows, fields: dict, student, student_micro_batches: list, total_rows: int,
             length: int) -> tuple[list, int]:
-    """Collective. Outputs of rows [held_rows] (full sequences of `length` tokens, None where this rank holds
-    none) to the student ranks that train on them — its last stage, each DP rank its share of the step's
-    `total_rows` sequences — cut into its CP chunks and micro-batches. Returns (per micro-batch dicts on the
-    student's last stage, [] elsewhere; bytes this rank sent)."""
+    """Collective. Outputs of rows [held_rows] (whole sequences of `length` positions, None where this rank
+    holds none) to the student ranks that train on them — its last stage, each DP rank its share of the
+    step's `total_rows` sequences — then cut like its micro-batches (their rows, their length, their CP
+    chunks). Returns (per micro-batch dicts on the student's last stage, [] elsewhere; bytes this rank sent)."""
     rows = total_rows // student.dp_size
-    wanted = (student.dp_rank * rows, (student.dp_rank + 1) * rows) if student.is_last_stage else None
-    mine, sent = {}, 0
+    first = student.dp_rank * rows
+    wanted = (first, first + rows) if student.is_last_stage else None
+    share, sent = {}, 0
     for name, (shape, dtype) in fields.items():
-        mine[name], moved = exchange_rows(held.get(name), held_rows, wanted, (length, *shape), dtype, student.device)
+        share[name], moved = exchange_rows(held.get(name), held_rows, wanted, (length, *shape), dtype, student.device)
         sent += moved
     if wanted is None:
         return [], sent
-    local = {name: split_sequence(value, student.cp_rank, student.cp_size) for name, value in mine.items()}
-    return [{name: value[i:i + micro_batch_size] for name, value in local.items()}
-            for i in range(0, rows, micro_batch_size)], sent
+    return [like_micro_batch(share, micro, first, student.cp_rank, student.cp_size) for micro in student_micro_batches], sent
+
+
+def like_micro_batch(share: dict, micro, first: int, cp_rank: int, cp_size: int) -> dict:
+    """A micro-batch's part of outputs for the rows from `first` on: its rows, its length, its CP chunks."""
+    rows, length = micro.index - first, micro.tokens.shape[1] * cp_size
+    return {name: split_sequence(value[rows, :length], cp_rank, cp_size) for name, value in share.items()}
+
+
+def whole_rows(kept: list, micro_batches: list, fields: dict, first: int, rows: int, length: int, device) -> dict:
+    """Per-micro-batch outputs put back into rows [first, first + rows) of whole sequences, zeros past each
+    micro-batch's length (micro-batches may hold any rows, cut to their own length)."""
+    whole = {name: torch.zeros((rows, length, *shape), dtype=dtype, device=device)
+             for name, (shape, dtype) in fields.items()}
+    for outputs, micro in zip(kept, micro_batches):
+        for name, value in outputs.items():
+            whole[name][micro.index - first, :value.shape[1]] = value
+    return whole

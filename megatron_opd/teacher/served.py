@@ -105,7 +105,6 @@ class ServedTeacher:
                               f"--out DIR` and set teacher.path=DIR (or use teacher.engine=megatron)")
         self.kind, self.vocab_size, self.student = cfg.actor.kl_loss_type, vocab_size, student
         self.top_k = cfg.actor.topk if self.kind in TOPK_KINDS else 0
-        self.micro_batch_size = cfg.actor.micro_batch_size
         self.fields = output_fields(self.kind, cfg.actor.topk, 0, torch.float32)
         self.bytes_moved = 0
         self.engine = None
@@ -158,7 +157,7 @@ class ServedTeacher:
         length = batch.tokens.shape[1]
         held = self._rows(samples, length) if self.engine is not None else {}
         out, self.bytes_moved = deliver(held, (0, batch.size) if self.engine is not None else None, self.fields,
-                                        self.student, self.micro_batch_size, batch.size, length)
+                                        self.student, student_micro_batches, batch.size, length)
         return out
 
     def bytes_per_token(self, batch) -> float:

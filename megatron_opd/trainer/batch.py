@@ -1,7 +1,10 @@
 """Token batches for the student and the teacher: prompt+response sequences, right-padded, with the mask
 of the positions whose next token is a response token (the positions the loss is taken at), on the run's
 device. Sequences are padded to the layout's multiple (2 x CP chunks, x TP under sequence parallelism);
-padding sits at the end, where causal attention keeps it from touching any real token."""
+padding sits at the end, where causal attention keeps it from touching any real token.
+
+Micro-batches are a fixed number of sequences, or (`actor.max_tokens_per_micro_batch`) sequences grouped
+by length under a token budget, each micro-batch padded only to its own longest sequence."""
 from dataclasses import dataclass
 
 import torch
@@ -15,14 +18,21 @@ class TokenBatch:
     labels: torch.Tensor  # [B, S] the next token at each position (pad at the end)
     loss_mask: torch.Tensor  # [B, S] 1.0 where labels[t] is a response token
     position_ids: torch.Tensor  # [B, S] each token's position in its whole sequence
+    index: torch.Tensor  # [B] each sequence's row in the step's batch
+    lengths: torch.Tensor  # [B] each sequence's length, padding excluded
 
     @property
     def size(self) -> int:
         return self.tokens.shape[0]
 
+    def select(self, rows, length: int = None) -> "TokenBatch":
+        """Rows `rows` (a slice or index tensor), cut to the first `length` positions (default: all)."""
+        cut = slice(None, length)
+        return TokenBatch(self.tokens[rows, cut], self.labels[rows, cut], self.loss_mask[rows, cut],
+                          self.position_ids[rows, cut], self.index[rows], self.lengths[rows])
+
     def rows(self, start: int, stop: int) -> "TokenBatch":
-        return TokenBatch(self.tokens[start:stop], self.labels[start:stop], self.loss_mask[start:stop],
-                          self.position_ids[start:stop])
+        return self.select(slice(start, stop))
 
     def micro_batches(self, micro_batch_size: int) -> list["TokenBatch"]:
         if self.size % micro_batch_size:
@@ -30,15 +40,45 @@ class TokenBatch:
                              f"make actor.micro_batch_size divide the mini-batch's sequences")
         return [self.rows(i, i + micro_batch_size) for i in range(0, self.size, micro_batch_size)]
 
+    def token_budget_micro_batches(self, max_tokens: int, multiple: int) -> list["TokenBatch"]:
+        """The sequences, longest first, in micro-batches whose padded size (sequences x the longest one's
+        length, rounded up to `multiple`) stays within `max_tokens`; each cut to its own longest sequence."""
+        lengths = self.lengths.tolist()
+        order = sorted(range(self.size), key=lambda row: -lengths[row])
+        groups, group = [], []
+        for row in order:
+            longest = padded_length(lengths[group[0]] if group else lengths[row], multiple)
+            if group and longest * (len(group) + 1) > max_tokens:
+                groups.append(group)
+                group = []
+            group.append(row)
+        groups.append(group)
+        if padded_length(lengths[order[0]], multiple) > max_tokens:
+            raise ValueError(f"actor.max_tokens_per_micro_batch={max_tokens} is below a sequence of this step "
+                             f"({lengths[order[0]]} tokens, {padded_length(lengths[order[0]], multiple)} padded to "
+                             f"the layout's multiple of {multiple}): raise it to at least the longest "
+                             f"prompt + response")
+        return [self.select(torch.tensor(group, device=self.tokens.device),
+                            padded_length(lengths[group[0]], multiple)) for group in groups]
+
     def context_shard(self, cp_rank: int, cp_size: int) -> "TokenBatch":
         """The two sequence chunks CP rank `cp_rank` holds (megatron's load-balanced layout)."""
-        return TokenBatch(*(split_sequence(t, cp_rank, cp_size)
-                            for t in (self.tokens, self.labels, self.loss_mask, self.position_ids)))
+        tokens, labels, loss_mask, positions = (split_sequence(t, cp_rank, cp_size) for t in
+                                                (self.tokens, self.labels, self.loss_mask, self.position_ids))
+        return TokenBatch(tokens, labels, loss_mask, positions, self.index, self.lengths)
+
+
+def split_micro_batches(batch: TokenBatch, micro_batch_size: int, max_tokens, multiple: int) -> list[TokenBatch]:
+    """`actor.max_tokens_per_micro_batch` (max_tokens) when set, else `actor.micro_batch_size` sequences each."""
+    if max_tokens:
+        return batch.token_budget_micro_batches(max_tokens, multiple)
+    return batch.micro_batches(micro_batch_size)
 
 
 def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device,
                 multiple: int = 1) -> TokenBatch:
-    length = padded_length(max(len(p) + len(r) for p, r in zip(prompts, responses)), multiple)
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    length = padded_length(max(lengths), multiple)
     tokens, loss_mask = [], []
     for prompt, response in zip(prompts, responses):
         sequence = list(prompt) + list(response)
@@ -49,4 +89,5 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: in
     padding = torch.full((len(prompts), 1), pad_id, dtype=torch.long, device=device)
     labels = torch.cat([tokens[:, 1:], padding], dim=1)
     positions = torch.arange(length, device=device).expand(len(prompts), length)
-    return TokenBatch(tokens, labels, torch.tensor(loss_mask, device=device), positions)
+    return TokenBatch(tokens, labels, torch.tensor(loss_mask, device=device), positions,
+                      torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device))

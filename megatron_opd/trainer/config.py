@@ -120,6 +120,9 @@ class ActorConfig:
     ppo_epochs: int = 1
     ppo_mini_batch_size: Optional[int] = None  # prompts per optimizer step; null: the whole batch
     micro_batch_size: int = 1  # sequences per forward/backward
+    # Instead: sequences grouped by length into micro-batches of at most this many (padded) tokens, each padded
+    # only to its own longest sequence (verl's ppo_max_token_len_per_gpu). null: micro_batch_size.
+    max_tokens_per_micro_batch: Optional[int] = None
     grad_clip: float = 1.0
     recompute: str = "none"
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -135,6 +138,8 @@ class ActorConfig:
                f"must be >= 1 with actor.kl_loss_type={self.kl_loss_type}")
         _check(self.ppo_epochs >= 1, "actor.ppo_epochs", self.ppo_epochs, "must be >= 1")
         _check(self.micro_batch_size >= 1, "actor.micro_batch_size", self.micro_batch_size, "must be >= 1")
+        _check(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
+               "actor.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, "must be null or >= 1")
         _check(self.ppo_mini_batch_size is None or self.ppo_mini_batch_size >= 1, "actor.ppo_mini_batch_size",
                self.ppo_mini_batch_size, "must be null or >= 1")
         _check(self.grad_clip >= 0, "actor.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")

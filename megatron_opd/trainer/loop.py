@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron_opd.models.head import output_weight
 from megatron_opd.rollout.engine import RolloutError
 from megatron_opd.trainer import checkpoint
-from megatron_opd.trainer.batch import build_batch
+from megatron_opd.trainer.batch import build_batch, split_micro_batches
 from megatron_opd.trainer.config import OPDConfig, divergence_temperature
 from megatron_opd.trainer.objective import sft_loss, student_loss
 from megatron_opd.trainer.optim import optimizer_step
@@ -103,14 +103,17 @@ class Trainer:
     def update(self, samples, batch) -> tuple[dict, float]:
         """Teacher pass, then every mini-batch of every epoch; averaged metrics and the teacher's seconds."""
         cfg, run, dims = self.cfg, self.run, self.run.dims
-        rows = batch.size // dims.dp_size
-        mine = batch.rows(dims.dp_rank * rows, (dims.dp_rank + 1) * rows).context_shard(dims.cp_rank, dims.cp_size)
-        micro = mine.micro_batches(cfg.actor.micro_batch_size)
+        rows = batch.size // dims.dp_size // run.mini_batches_per_step
+        first = dims.dp_rank * rows * run.mini_batches_per_step
+        minis, micro = [], []
+        for m in range(run.mini_batches_per_step):  # micro-batches are cut to length before the CP split
+            mini = split_micro_batches(batch.rows(first + m * rows, first + (m + 1) * rows), cfg.actor.micro_batch_size,
+                                       cfg.actor.max_tokens_per_micro_batch, cfg.parallel.sequence_multiple)
+            minis.append(slice(len(micro), len(micro) + len(mini)))
+            micro += [mb.context_shard(dims.cp_rank, dims.cp_size) for mb in mini]
         started = time.perf_counter()
         teacher = run.teacher.outputs(samples, batch, micro) if run.teacher is not None else [None] * len(micro)
         teacher_s = time.perf_counter() - started
-        per_mini = len(micro) // run.mini_batches_per_step
-        minis = [slice(m * per_mini, (m + 1) * per_mini) for m in range(run.mini_batches_per_step)]
         updates = [self._optimizer_step(micro[part], teacher[part])
                    for _ in range(cfg.actor.ppo_epochs) for part in minis]
         metrics = {name: sum(u[name] for u in updates) / len(updates) for name in updates[0]}

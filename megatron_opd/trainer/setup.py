@@ -13,11 +13,11 @@ from megatron_opd.data.prompt_dataset import PromptDataset
 from megatron_opd.data.sampler import PromptSampler
 from megatron_opd.models import load_arch, padded_vocab_size
 from megatron_opd.parallel import DeviceError, ParallelConfig, current_device, initialize_model_parallel
-from megatron_opd.rollout.embedded_engine import make_engine
+from megatron_opd.rollout.factory import make_engine
 from megatron_opd.rollout.engine import SamplingParams
 from megatron_opd.rollout.hf_dir import HFDirWriter
 from megatron_opd.trainer import checkpoint
-from megatron_opd.teacher import make_teacher
+from megatron_opd.teacher import MegatronTeacher, make_teacher
 from megatron_opd.teacher.layout import teacher_layout
 from megatron_opd.trainer.config import MODEL_DTYPES, ConfigError, ModelConfig, OPDConfig
 from megatron_opd.trainer.metrics import Metrics
@@ -50,15 +50,16 @@ def check_layout_and_vocab(cfg: OPDConfig, world_size: int):
             layout = teacher_layout(cfg)
             _check_layout(layout, world_size, "teacher.path", cfg.teacher.path, teacher)
             teacher_dp = layout.data_parallel_size(world_size)
-            if layout is not cfg.parallel and (sequences % teacher_dp or
-                                               (sequences // teacher_dp) % cfg.actor.micro_batch_size):
+            micro = 1 if cfg.actor.max_tokens_per_micro_batch else cfg.actor.micro_batch_size
+            if layout is not cfg.parallel and (sequences % teacher_dp or (sequences // teacher_dp) % micro):
                 raise ConfigError(f"teacher.parallel={{tensor: {layout.tensor}, pipeline: {layout.pipeline}}}: each "
                                   f"of the teacher's {teacher_dp} data-parallel ranks gets {sequences / teacher_dp:g} of "
                                   f"the step's {sequences} sequences, which must be a whole multiple of "
                                   f"actor.micro_batch_size={cfg.actor.micro_batch_size}")
     dp = world_size // cfg.parallel.model_parallel_size
     mini = (cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size) * cfg.rollout.n
-    if mini % dp or (mini // dp) % cfg.actor.micro_batch_size:
+    micro = 1 if cfg.actor.max_tokens_per_micro_batch else cfg.actor.micro_batch_size
+    if mini % dp or (mini // dp) % micro:
         raise ConfigError(f"actor.micro_batch_size={cfg.actor.micro_batch_size}: each of the {dp} data-parallel "
                           f"ranks gets {mini / dp:g} sequences per mini-batch ({mini} = ppo_mini_batch_size x "
                           f"rollout.n), which must be a whole multiple of it")
@@ -106,6 +107,9 @@ class Run:
         self.teacher = make_teacher(cfg, teacher_dtype, self.vocab_size, self.dims,
                                     padded_vocab_size(self.arch.vocab_size, cfg.parallel.tensor) // cfg.parallel.tensor
                                     ) if cfg.trainer.mode == "distill" else None
+        if cfg.actor.max_tokens_per_micro_batch:  # micro-batches of varying shapes cross pipeline stages
+            for model in (self.student, self.teacher.chunks if isinstance(self.teacher, MegatronTeacher) else []):
+                model[0].config.variable_seq_lengths = True
         mini_batch = cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size
         self.mini_batches_per_step = cfg.data.train_batch_size // mini_batch
         total_updates = cfg.trainer.total_steps * cfg.actor.ppo_epochs * self.mini_batches_per_step
