@@ -11,6 +11,7 @@ import shutil
 from checkpoint_tools.hf_files import METADATA_FILES, write_hf_dir
 from checkpoint_tools.pretrained import MODEL_SUBDIR, read_marker, write_marker
 from checkpoint_tools.weights import export_hf_tensors, load_hf_weights
+from megatron_opd.atomic import replaced_when_done
 from megatron_opd.models import build_model, load_arch
 from megatron_opd.models.sharded_checkpoint import load_model, save_model
 from megatron_opd.parallel import ParallelConfig, destroy, free_port, init_distributed, initialize_model_parallel
@@ -40,14 +41,6 @@ def _refuse_existing(out_dir: str) -> None:
         raise FileExistsError(f"{out_dir}: output directory already exists; remove it or choose another --out")
 
 
-def _start_output(out_dir: str) -> str:
-    _refuse_existing(out_dir)
-    tmp_dir = f"{out_dir}.tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    os.makedirs(tmp_dir)
-    return tmp_dir
-
-
 def _copy_metadata(src_dir: str, dst_dir: str) -> None:
     for name in METADATA_FILES:
         if os.path.isfile(os.path.join(src_dir, name)):
@@ -60,18 +53,16 @@ def _dtype_name(arch) -> str:
 
 def hf_to_mcore(hf_dir: str, out_dir: str) -> str:
     arch = load_arch(hf_dir)
-    tmp_dir = _start_output(out_dir)
-    try:
+    _refuse_existing(out_dir)
+    shutil.rmtree(f"{out_dir}.tmp", ignore_errors=True)  # left by a conversion that was killed
+    with replaced_when_done(out_dir) as tmp_dir:
+        os.makedirs(tmp_dir)
         with single_process_model_parallel():
             chunks = build_model(arch, ParallelConfig(), dtype=_dtype_name(arch), init_weights=False)
             load_hf_weights(chunks, arch, hf_dir)
             save_model(chunks, os.path.join(tmp_dir, MODEL_SUBDIR))
         _copy_metadata(hf_dir, tmp_dir)
         write_marker(tmp_dir, arch, _dtype_name(arch))
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    os.replace(tmp_dir, out_dir)
     return out_dir
 
 

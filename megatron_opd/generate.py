@@ -97,17 +97,17 @@ def generate(cfg: GenerateConfig) -> float:
 
 
 def _write(rows: list[dict], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    if path.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    from megatron_opd.atomic import replaced_when_done, write_text
 
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if not path.endswith(".parquet"):
+        write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with replaced_when_done(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
-    else:
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, path)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="generation", version_base=None)

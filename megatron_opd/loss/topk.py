@@ -8,6 +8,7 @@ token cross ranks. Forward = KL(p_t || p_s), reverse = KL(p_s || p_t) over the b
 rounding makes empty is floored at float64's epsilon so that the logs stay finite.
 """
 import torch
+import torch.distributed as dist
 
 from megatron_opd.loss.logprob import vocab_parallel_log_probs
 
@@ -63,3 +64,20 @@ def topk_bucket_divergence(student_topk_logprobs: torch.Tensor, teacher_topk_log
     else:
         divergence = (student_buckets.exp() * (student_buckets - teacher_buckets)).sum(-1)
     return divergence.to(student_topk_logprobs.dtype)
+
+
+def vocab_parallel_topk(logits: torch.Tensor, k: int, vocab_size: int, group) -> torch.Tensor:
+    """Global ids [..., K] of the K largest logits of a vocab-sharded [..., V/TP] (K per rank gathered)."""
+    shard = logits.shape[-1]
+    rank = dist.get_rank(group) if group is not None else 0
+    first = rank * shard
+    padded = torch.arange(first, first + shard, device=logits.device) >= vocab_size
+    values, ids = logits.float().masked_fill(padded, float("-inf")).topk(k, dim=-1)
+    ids = ids + first
+    if group is not None and dist.get_world_size(group) > 1:
+        all_values = [torch.empty_like(values) for _ in range(dist.get_world_size(group))]
+        all_ids = [torch.empty_like(ids) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(all_values, values.contiguous(), group=group)
+        dist.all_gather(all_ids, ids.contiguous(), group=group)
+        values, ids = torch.cat(all_values, -1), torch.cat(all_ids, -1)
+    return ids.gather(-1, values.topk(k, dim=-1).indices)

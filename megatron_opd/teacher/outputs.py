@@ -11,27 +11,10 @@ Never the teacher's logits for the step: per token H_t values at most (3584 for 
 import torch
 import torch.distributed as dist
 
-from megatron_opd.loss import vocab_parallel_log_probs
+from megatron_opd.loss import vocab_parallel_log_probs, vocab_parallel_topk
 from megatron_opd.loss.kinds import FULL_KINDS, SAMPLED_KINDS
 from megatron_opd.parallel.context_parallel import split_sequence
 from megatron_opd.parallel.exchange import exchange_rows
-
-
-def vocab_parallel_topk(logits: torch.Tensor, k: int, vocab_size: int, group) -> torch.Tensor:
-    """Global ids [..., K] of the K largest logits of a vocab-sharded [..., V/TP] (K per rank gathered)."""
-    shard = logits.shape[-1]
-    rank = dist.get_rank(group) if group is not None else 0
-    first = rank * shard
-    padded = torch.arange(first, first + shard, device=logits.device) >= vocab_size
-    values, ids = logits.float().masked_fill(padded, float("-inf")).topk(k, dim=-1)
-    ids = ids + first
-    if group is not None and dist.get_world_size(group) > 1:
-        all_values = [torch.empty_like(values) for _ in range(dist.get_world_size(group))]
-        all_ids = [torch.empty_like(ids) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(all_values, values.contiguous(), group=group)
-        dist.all_gather(all_ids, ids.contiguous(), group=group)
-        values, ids = torch.cat(all_values, -1), torch.cat(all_ids, -1)
-    return ids.gather(-1, values.topk(k, dim=-1).indices)
 
 
 @torch.no_grad()

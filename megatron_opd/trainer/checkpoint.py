@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_opd.atomic import write_text
 from megatron_opd.models.sharded_checkpoint import check_loaded_state, use_forked_writer_queue
 from megatron_opd.parallel import ParallelDims
 
@@ -90,9 +91,7 @@ def save(save_dir: str, step: int, ddp_chunks, optimizer, scheduler, extra: dict
     if dims.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        with open(os.path.join(save_dir, LATEST + ".tmp"), "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(os.path.join(save_dir, LATEST + ".tmp"), os.path.join(save_dir, LATEST))
+        write_text(os.path.join(save_dir, LATEST), os.path.basename(final))
     _barrier()
     return final
 

@@ -9,6 +9,8 @@ will redo, are dropped."""
 import json
 import os
 
+from megatron_opd.atomic import write_text
+
 CONSOLE_KEYS = ("actor/kl_loss", "actor/sft_loss", "actor/grad_norm", "response_length/mean", "val/accuracy",
                 "timing_s/step")
 
@@ -45,10 +47,7 @@ class JsonlSink:
                     record = json.loads(line)
                     if record["step"] <= step:
                         by_step[record["step"]] = line if line.endswith("\n") else line + "\n"
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(by_step[s] for s in sorted(by_step))
-        os.replace(tmp, path)
+        write_text(path, "".join(by_step[s] for s in sorted(by_step)))
         return step in by_step
 
     def log(self, step: int, metrics: dict) -> None:

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_opd.atomic import write_text
+
 PREEMPT_FILE_ENV = "OPD_PREEMPT_FILE"
 SIGTERM_ENV = "OPD_PREEMPT_SIGTERM"
 SAVED_SUFFIX = ".saved"
@@ -60,11 +62,9 @@ class Preemption:
             print(f"preemption: checkpoint {checkpoint_path} saved after step {step}; stopping (a restart with "
                   f"trainer.resume=auto continues from there)", file=sys.stderr, flush=True)
         if self.flag_file and _checks_files():
-            marker = self.flag_file + SAVED_SUFFIX
-            tmp = f"{marker}.{os.getpid()}.tmp"  # one writer per node; on a shared file system they race
-            with open(tmp, "w") as f:
-                json.dump({"step": step, "checkpoint": checkpoint_path}, f)
-            os.replace(tmp, marker)
+            # One writer per node; on a shared file system they race, so each its own temporary name.
+            write_text(self.flag_file + SAVED_SUFFIX, json.dumps({"step": step, "checkpoint": checkpoint_path}),
+                       suffix=f".{os.getpid()}.tmp")
 
     def close(self) -> None:
         for sig, previous in self._previous.items():
