@@ -9,16 +9,33 @@ What megatron-core 0.19 assumes about CUDA, and what we give it instead:
 - `torch.cuda.synchronize/current_stream/default_stream` (p2p comm, DDP grad sync) -> no-ops.
 - the CUDA RNG tracker (tensor_parallel.random) -> backed by the CPU generator, so per-TP-rank
   dropout/init seeds still fork correctly.
-- hard-coded `device="cuda"`, `.cuda()`, `.to("cuda")` (causal masks, schedules' token counters,
-  broadcast_data) and `Tensor.type()` checks against "torch.cuda.*Tensor" (optimizers, clip_grads)
-  -> rewritten by a process-wide TorchFunctionMode, which also drops `pin_memory=True` (the CP slice of
-  the rotary embedding asks for pinned memory, which needs a GPU).
-- the causal masks are also replaced outright: activation recompute rebuilds them inside autograd's
-  backward, where the mode above is not in effect.
+- `.cuda()` (tied embeddings, broadcast_data, the CP slice of the rotary embedding) -> the tensor itself,
+  and `Tensor.type()` checks against "torch.cuda.*Tensor" (optimizers, clip_grads) -> the CUDA name.
+- hard-coded `device="cuda"` and `pin_memory=True` in tensor factories (causal masks, schedules' token
+  counters, optimizers' flags, grad-norm buffers, checkpoint verification) -> the modules that do it
+  see a `torch` whose factories put tensors on the CPU.
+
+Patches of names rather than a process-wide TorchFunctionMode: a mode runs Python on every tensor op of
+the process, which more than doubled the embedded engine's decode time (34 -> 84 ms for 8 x 32 tokens).
 """
 import torch
-from torch.overrides import TorchFunctionMode
 
+# megatron-core modules (on the paths this project runs) with literal device="cuda" or pin_memory=True.
+CUDA_FACTORY_MODULES = (
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.models.common.embeddings.rope_utils",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.transformer.utils",
+    "megatron.core.utils",
+)
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "empty_like", "zeros_like", "ones_like")
 _applied = False
 
 
@@ -28,21 +45,42 @@ def _is_cuda(device) -> bool:
     return isinstance(device, str) and device.startswith("cuda")
 
 
-class _CudaToCpu(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+def _on_cpu(factory):
+    def factory_on_cpu(*args, **kwargs):
         if _is_cuda(kwargs.get("device")):
-            kwargs = dict(kwargs, device="cpu")
-        if kwargs.get("pin_memory"):
-            kwargs = dict(kwargs, pin_memory=False)
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], "cpu", *args[2:])
-        return func(*args, **kwargs)
+            kwargs["device"] = "cpu"
+        kwargs.pop("pin_memory", None)
+        return factory(*args, **kwargs)
+
+    return factory_on_cpu
+
+
+class _TorchOnCpu:
+    """torch as a module that hard-codes CUDA sees it: the same attributes, factories that ignore CUDA."""
+
+    def __init__(self):
+        for name in _FACTORIES:
+            setattr(self, name, _on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_tensor_type = torch.Tensor.type
+
+
+def _cuda_type(self, *args, **kwargs):
+    if args or kwargs:
+        return _tensor_type(self, *args, **kwargs)
+    name = _tensor_type(self)
+    return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+
+
+def _init_data_on_cpu(init_data):
+    def init_data_on_cpu(self, device, *args, **kwargs):
+        return init_data(self, "cpu" if _is_cuda(device) else device, *args, **kwargs)
+
+    return init_data_on_cpu
 
 
 class _NullStream:
@@ -59,30 +97,14 @@ class _NullStream:
         return None
 
 
-def _causal_mask(sq):
-    return torch.triu(torch.ones(sq, sq, dtype=torch.bool, device="cpu"), diagonal=1)
-
-
-def _sliding_window_causal_mask(sq, skv, window_size):
-    visible = torch.ones(sq, skv, dtype=torch.bool, device="cpu")
-    visible = torch.triu(visible, diagonal=skv - sq - window_size[0])
-    return ~torch.tril(visible, diagonal=skv - sq + window_size[1])
-
-
-def _patch_causal_masks():
-    from megatron.core.fusions import fused_softmax
-    from megatron.core.transformer import utils
-
-    for module in (utils, fused_softmax):
-        module.get_default_causal_mask = _causal_mask
-        module.get_sliding_window_causal_mask = _sliding_window_causal_mask
-
-
 def apply() -> None:
     """Patch torch/megatron for a run on the CPU (idempotent)."""
     global _applied
     if _applied:
         return
+    import importlib
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.tensor_parallel import random as megatron_random
 
     torch.cuda.current_device = lambda: "cpu"
@@ -93,10 +115,12 @@ def apply() -> None:
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
     megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     megatron_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
-    _patch_causal_masks()
-    # Entered for the life of the process (and inherited by forked workers): megatron's hard-coded
-    # "cuda" tensors appear in many call sites, and a mode catches all of them without a list.
-    _CudaToCpu().__enter__()
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.Tensor.type = _cuda_type
+    ShardedTensor.init_data = _init_data_on_cpu(ShardedTensor.init_data)
+    torch_on_cpu = _TorchOnCpu()
+    for name in CUDA_FACTORY_MODULES:
+        importlib.import_module(name).torch = torch_on_cpu
     _applied = True
 
 

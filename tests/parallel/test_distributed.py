@@ -56,15 +56,24 @@ def test_layout_that_does_not_fit_the_world_fails_with_the_message():
 
 
 def _cpu_layer(rank, world_size):
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.transformer.utils import get_default_causal_mask
+
     from megatron_opd.parallel import cpu_compat
 
-    made_on_cuda = torch.zeros(2, device="cuda")
-    return cpu_compat.is_active(), made_on_cuda.device.type, torch.cuda.current_device()
+    in_megatron = clip_grads.torch.zeros(1, device="cuda"), get_default_causal_mask(3), torch.ones(2).cuda()
+    try:  # the project's own code gets no fallback: a CUDA tensor it asks for on a CPU run is an error
+        torch.zeros(2, device="cuda")
+        own = "made"
+    except (RuntimeError, AssertionError):
+        own = "refused"
+    return (cpu_compat.is_active(), [t.device.type for t in in_megatron], torch.ones(1).type(), own,
+            torch.cuda.current_device())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer is off when CUDA is present")
 def test_cpu_layer_is_applied_in_workers():
-    assert run_distributed(_cpu_layer, 1) == [(True, "cpu", "cpu")]
+    assert run_distributed(_cpu_layer, 1) == [(True, ["cpu"] * 3, "torch.cuda.FloatTensor", "refused", "cpu")]
 
 
 def _missing_peer(rank, world_size, port):
