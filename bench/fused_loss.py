@@ -24,7 +24,7 @@ from megatron_opd.parallel.quiet import quiet_known_messages
 quiet_known_messages()
 
 from megatron_opd.loss import LinearHead, fused_linear_divergence, vocab_parallel_divergence  # noqa: E402
-from peak_memory import peak_since, start_measuring  # noqa: E402
+from peak_memory import peak_and_seconds  # noqa: E402
 
 # Projected unfused peak in [T, V] tensors of the compute dtype: logits, their gradient, a chunk's work.
 UNFUSED_VOCAB_TENSORS = 2.5
@@ -44,20 +44,7 @@ def run(method: str, hidden, weight, teacher_hidden, teacher_weight):
 
 def measure(method: str, tensors, device) -> tuple[float, float]:
     """(peak MiB above the inputs, seconds) of one forward+backward."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = start_measuring()
-    started = time.perf_counter()
-    grad = run(method, *tensors)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = peak_since(base)
-    seconds = time.perf_counter() - started
+    grad, peak, seconds = peak_and_seconds(lambda: run(method, *tensors), device)
     return peak - grad.numel() * grad.element_size() / 2**20, seconds
 
 

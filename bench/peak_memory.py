@@ -1,10 +1,13 @@
 """Peak resident memory of a piece of work on Linux, for the CPU benchmarks: the process's VmHWM, reset
 through /proc/self/clear_refs, above its RSS just before the work. glibc's mmap threshold is pinned low
 while measuring so that every tensor is mapped on allocation and unmapped on free (none hides in the heap),
-then set back to glibc's steady state for timed runs."""
+then set back to glibc's steady state for timed runs. On CUDA: torch's peak allocated bytes."""
 import ctypes
 import gc
 import re
+import time
+
+import torch
 
 _LIBC = ctypes.CDLL("libc.so.6")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -37,3 +40,21 @@ def peak_since(base_mib: float) -> float:
     peak = status_mib("VmHWM") - base_mib
     mmap_threshold(STEADY_MMAP_BYTES)
     return peak
+
+
+def peak_and_seconds(work, device: torch.device):
+    """(work()'s result, peak MiB above what was allocated before it, its seconds)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = start_measuring()
+    started = time.perf_counter()
+    result = work()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = peak_since(base)
+    return result, peak, time.perf_counter() - started

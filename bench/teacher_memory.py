@@ -16,7 +16,6 @@ the step, (peak(T2) - peak(T1)) / (T2 - T1), which is what grows with the step's
 the process's peak RSS (bench/peak_memory.py); on CUDA torch.cuda.max_memory_allocated.
 """
 import argparse
-import time
 
 import torch
 
@@ -25,7 +24,7 @@ from megatron_opd.parallel.quiet import quiet_known_messages
 quiet_known_messages()
 
 from megatron_opd.loss import LinearHead, vocab_parallel_divergence  # noqa: E402
-from peak_memory import peak_since, start_measuring  # noqa: E402
+from peak_memory import peak_and_seconds  # noqa: E402
 
 METHODS = ("old", "new")
 
@@ -46,20 +45,8 @@ def measure(method: str, tokens: int, args, weight: torch.Tensor) -> tuple[float
     """(peak MiB above the inputs, seconds) of one step of `tokens` tokens."""
     generator = torch.Generator(device=weight.device).manual_seed(tokens)
     hidden = torch.randn(tokens, args.hidden, generator=generator, device=weight.device, dtype=weight.dtype)
-    if weight.is_cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = start_measuring()
-    started = time.perf_counter()
-    step(method, hidden, weight, args.micro, generator)
-    if weight.is_cuda:
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = peak_since(base)
-    return peak, time.perf_counter() - started
+    _, peak, seconds = peak_and_seconds(lambda: step(method, hidden, weight, args.micro, generator), weight.device)
+    return peak, seconds
 
 
 def main() -> None:
