@@ -18,51 +18,19 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+from megatron_opd.demo.cli_runner import cli, share_cores
+from megatron_opd.demo.report import measure_and_report
+from megatron_opd.demo.settings import (
+    BATCH, DIFFICULTY, DISTILL_OPTIM, KL, LANES, LARGEST, RESPONSE_TOKENS, SAMPLES, SFT_COMMON, STUDENT, TEACHER,
+    TEMPERATURE, TEST_PROBLEMS)
 
 STAGES = ("data", "teacher", "student", "samples", "onpolicy", "offpolicy", "report")
 NEEDS = {"data": (), "teacher": ("data",), "student": ("data",), "samples": ("teacher",),
          "onpolicy": ("teacher", "student"), "offpolicy": ("student", "samples", "onpolicy"),
          "report": ("onpolicy", "offpolicy")}
-LANES = 2  # stages run at once; each subprocess gets cores // LANES threads
-TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
-STUDENT = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3)
-# Two-step sums of operands up to 10: a test question never appears in training, but its single steps do,
-# so a model that learned to chain them can solve it (and a slip in the first step derails the second).
-DIFFICULTY, LARGEST = 2, 10
-TEST_PROBLEMS = 256
-BATCH = 16  # prompts per step
-SAMPLES = 2  # on-policy samples per prompt
-RESPONSE_TOKENS = 32
-TEMPERATURE = 0.7  # sampling temperature of the on-policy rollouts and of the teacher's samples alike
-KL = "forward"
-# On-policy and off-policy students train with the same optimizer settings.
-DISTILL_OPTIM = ["actor.optim.lr=1e-3", "actor.optim.lr_decay=cosine", "actor.optim.min_lr=1e-4",
-                 "actor.optim.warmup_steps=30"]
-SFT_COMMON = ["trainer.mode=sft", "data.response_key=extra_info.answer", "actor.optim.lr_decay=cosine",
-              "actor.optim.warmup_steps=20", "actor.optim.min_lr=1e-4"]
-_threads = threading.local()
-
-
-def share_cores(lanes: int) -> None:
-    """The CLIs this thread starts get an equal share of the cores among `lanes` running at once."""
-    _threads.count = max(1, (os.cpu_count() or 1) // lanes)
-
-
-def cli(module: str, *overrides: str) -> str:
-    started = time.perf_counter()
-    env = dict(os.environ)
-    if hasattr(_threads, "count"):  # set by share_cores
-        env["OMP_NUM_THREADS"] = str(_threads.count)
-    done = subprocess.run([sys.executable, "-m", module, *overrides], capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise SystemExit(f"{module} failed:\n{done.stderr[-4000:]}")
-    print(f"    {module.split('.')[-1]} done in {time.perf_counter() - started:.0f}s", flush=True)
-    return done.stdout
 
 
 class Demo:
@@ -159,8 +127,6 @@ class Demo:
         return path, len(kept)
 
     def report(self) -> dict:
-        from megatron_opd.demo.report import measure_and_report
-
         return measure_and_report(self)
 
 

@@ -8,7 +8,8 @@ import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
-from megatron_opd.demo.opd_demo import BATCH, KL, LANES, RESPONSE_TOKENS, SAMPLES, TEMPERATURE, cli, share_cores
+from megatron_opd.demo.cli_runner import cli, share_cores
+from megatron_opd.demo.settings import BATCH, KL, LANES, RESPONSE_TOKENS, SAMPLES, TEMPERATURE
 
 MODELS = (("teacher", "teacher"), ("student before", "student"), ("on-policy", "onpolicy"),
           ("off-policy", "offpolicy"))

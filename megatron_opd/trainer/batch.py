@@ -20,6 +20,7 @@ class TokenBatch:
     position_ids: torch.Tensor  # [B, S] each token's position in its whole sequence
     index: torch.Tensor  # [B] each sequence's row in the step's batch
     lengths: torch.Tensor  # [B] each sequence's length, padding excluded
+    on_policy: torch.Tensor  # [B] True where the response is the student's own sample
 
     @property
     def size(self) -> int:
@@ -29,7 +30,7 @@ class TokenBatch:
         """Rows `rows` (a slice or index tensor), cut to the first `length` positions (default: all)."""
         cut = slice(None, length)
         return TokenBatch(self.tokens[rows, cut], self.labels[rows, cut], self.loss_mask[rows, cut],
-                          self.position_ids[rows, cut], self.index[rows], self.lengths[rows])
+                          self.position_ids[rows, cut], self.index[rows], self.lengths[rows], self.on_policy[rows])
 
     def rows(self, start: int, stop: int) -> "TokenBatch":
         return self.select(slice(start, stop))
@@ -65,7 +66,7 @@ class TokenBatch:
         """The two sequence chunks CP rank `cp_rank` holds (megatron's load-balanced layout)."""
         tokens, labels, loss_mask, positions = (split_sequence(t, cp_rank, cp_size) for t in
                                                 (self.tokens, self.labels, self.loss_mask, self.position_ids))
-        return TokenBatch(tokens, labels, loss_mask, positions, self.index, self.lengths)
+        return TokenBatch(tokens, labels, loss_mask, positions, self.index, self.lengths, self.on_policy)
 
 
 def split_micro_batches(batch: TokenBatch, micro_batch_size: int, max_tokens, multiple: int) -> list[TokenBatch]:
@@ -76,7 +77,8 @@ def split_micro_batches(batch: TokenBatch, micro_batch_size: int, max_tokens, mu
 
 
 def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device,
-                multiple: int = 1) -> TokenBatch:
+                multiple: int = 1, on_policy: list[bool] = None) -> TokenBatch:
+    """`on_policy`: which responses the student sampled (default: all)."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     length = padded_length(max(lengths), multiple)
     tokens, loss_mask = [], []
@@ -90,4 +92,5 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: in
     labels = torch.cat([tokens[:, 1:], padding], dim=1)
     positions = torch.arange(length, device=device).expand(len(prompts), length)
     return TokenBatch(tokens, labels, torch.tensor(loss_mask, device=device), positions,
-                      torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device))
+                      torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device),
+                      torch.tensor([True] * len(prompts) if on_policy is None else on_policy, device=device))

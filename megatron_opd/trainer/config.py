@@ -123,6 +123,10 @@ class ActorConfig:
     # Instead: sequences grouped by length into micro-batches of at most this many (padded) tokens, each padded
     # only to its own longest sequence (verl's ppo_max_token_len_per_gpu). null: micro_batch_size.
     max_tokens_per_micro_batch: Optional[int] = None
+    # GKD's lambda: the share of each batch's prompts answered by the student's own samples; the others keep
+    # their given response (data.response_key: teacher samples from opd-generate, or the dataset's). 1:
+    # on-policy distillation; 0: supervised KD, the same divergence on given responses.
+    lmbda: float = 1.0
     grad_clip: float = 1.0
     recompute: str = "none"
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -142,6 +146,7 @@ class ActorConfig:
                "actor.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, "must be null or >= 1")
         _check(self.ppo_mini_batch_size is None or self.ppo_mini_batch_size >= 1, "actor.ppo_mini_batch_size",
                self.ppo_mini_batch_size, "must be null or >= 1")
+        _check(0 <= self.lmbda <= 1, "actor.lmbda", self.lmbda, "must be in [0, 1] (1: on-policy)")
         _check(self.grad_clip >= 0, "actor.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
 
 
@@ -204,6 +209,10 @@ class OPDConfig:
                f"must divide data.train_batch_size={batch}")
         _check(self.trainer.mode != "sft" or bool(self.data.response_key), "data.response_key",
                self.data.response_key, "is required with trainer.mode=sft (e.g. extra_info.answer)")
+        _check(self.trainer.mode != "distill" or self.actor.lmbda == 1 or bool(self.data.response_key),
+               "data.response_key", self.data.response_key, f"is required with actor.lmbda={self.actor.lmbda} < 1: the "
+               f"responses of the prompts the student does not answer (teacher samples from opd-generate, or the "
+               f"dataset's, e.g. extra_info.answer)")
         _check(self.trainer.test_freq == 0 or self.data.val_files is not None, "trainer.test_freq",
                self.trainer.test_freq, "needs data.val_files")
 

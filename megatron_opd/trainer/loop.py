@@ -10,7 +10,9 @@ A step's checkpoint (every `save_freq` steps, at an `exit_interval` step, on a p
 end) is written before its metrics line, and holds that line, so the line survives whenever the
 checkpoint does. An optimizer step whose gradients are not finite is refused, logged and counted.
 """
+import itertools
 import os
+import random
 import sys
 import time
 
@@ -22,7 +24,7 @@ from megatron_opd.rollout.engine import RolloutError
 from megatron_opd.trainer import checkpoint
 from megatron_opd.trainer.batch import build_batch, split_micro_batches
 from megatron_opd.trainer.config import OPDConfig, divergence_temperature
-from megatron_opd.trainer.objective import sft_loss, student_loss
+from megatron_opd.trainer.objective import PARTS, sft_loss, student_loss
 from megatron_opd.trainer.optim import optimizer_step
 from megatron_opd.trainer.pipeline import student_pass
 from megatron_opd.trainer.preemption import Preemption
@@ -46,20 +48,43 @@ def _sum_shares(values: dict, dims) -> dict:
     return dict(zip(names, vector.tolist()))
 
 
+def on_policy_prompts(count: int, lmbda: float, seed: int, step: int) -> set[int]:
+    """The prompts of a step (indices) that the student answers: round(lmbda x count), drawn anew each step."""
+    if lmbda == 1:
+        return set(range(count))
+    return set(random.Random(seed * 1_000_003 + step).sample(range(count), round(lmbda * count)))
+
+
+def _part_means(summed: dict) -> dict:
+    """The KL of each part's tokens (token-mean), from the summed per-part shares."""
+    for part in PARTS:
+        tokens, kl_sum = summed.pop(f"actor/tokens_{part}", 0.0), summed.pop(f"actor/kl_sum_{part}", 0.0)
+        if tokens:
+            summed[f"actor/kl_loss_{part}"] = kl_sum / tokens
+    return summed
+
+
 class Trainer:
     def __init__(self, cfg: OPDConfig):
         self.cfg = cfg
         self.run = Run(cfg)
 
     def rollouts(self, step: int, items: list[dict]):
-        """Prompt+response token lists for this step, the same on every rank."""
+        """Prompt+response token lists for this step, the same on every rank; which of them the student
+        sampled (`actor.lmbda` of the prompts; the others keep their given response, `rollout.n` times)."""
         cfg, run = self.cfg, self.run
         prompts = [item["input_ids"] for item in items]
         if cfg.trainer.mode == "sft":
-            return [(p, item["response_ids"]) for p, item in zip(prompts, items)], {}
+            return [(p, item["response_ids"]) for p, item in zip(prompts, items)], [False] * len(items), {}
+        own, n = on_policy_prompts(len(items), cfg.actor.lmbda, cfg.trainer.seed, step), cfg.rollout.n
         samples = None
         if run.dims.rank == 0:
-            samples = [(s.prompt_ids, s.response_ids) for s in run.engine.generate(prompts, run.sampling(step))]
+            answered = [prompts[i] for i in sorted(own)]
+            generated = iter(run.engine.generate(answered, run.sampling(step)) if answered else ())
+            samples = []
+            for i, item in enumerate(items):
+                samples += ([(s.prompt_ids, s.response_ids) for s in itertools.islice(generated, n)] if i in own
+                            else [(prompts[i], item["response_ids"])] * n)
             beyond = [t for _, response in samples for t in response if t >= run.vocab_size]
             if beyond:  # broadcast the error so that every rank stops with it
                 samples = RolloutError(f"the engine sampled token id {beyond[0]}, past the {run.vocab_size} ids "
@@ -68,8 +93,10 @@ class Trainer:
         if isinstance(samples, RolloutError):
             raise samples
         lengths = [len(r) for _, r in samples]
-        return samples, {"response_length/mean": sum(lengths) / len(lengths), "response_length/max": max(lengths)}
-
+        metrics = {"response_length/mean": sum(lengths) / len(lengths), "response_length/max": max(lengths)}
+        if cfg.actor.lmbda < 1:
+            metrics["rollout/on_policy_fraction"] = len(own) / len(items)
+        return samples, [i in own for i in range(len(items)) for _ in range(n)], metrics
 
     def _optimizer_step(self, mini: list, teacher: list) -> dict:
         """One optimizer step on a mini-batch (this rank's micro-batches); its global metrics."""
@@ -84,7 +111,8 @@ class Trainer:
                 return sft_loss(hidden, weight, mb.labels, mb.loss_mask, run.vocab_size, dims.tp_group, counts, index,
                                 cfg.actor.loss_agg_mode)
             return student_loss(hidden, weight, mb.labels, mb.loss_mask, teacher[index], run.teacher.head_weight,
-                                cfg.actor, divergence_temperature(cfg), run.vocab_size, dims.tp_group, counts, index)
+                                cfg.actor, divergence_temperature(cfg), run.vocab_size, dims.tp_group, counts, index,
+                                mb.on_policy if cfg.actor.lmbda < 1 else None)
 
         for chunk in run.ddp:
             chunk.zero_grad_buffer()
@@ -97,7 +125,7 @@ class Trainer:
         for result in results:
             for name, value in result.items():
                 shares[name] = shares.get(name, 0.0) + float(value)
-        return {**_sum_shares(shares, dims), "actor/grad_norm": outcome.grad_norm,
+        return {**_part_means(_sum_shares(shares, dims)), "actor/grad_norm": outcome.grad_norm,
                 "actor/skipped_updates": 0.0 if outcome.applied else 1.0}
 
     def update(self, samples, batch) -> tuple[dict, float]:
@@ -116,7 +144,9 @@ class Trainer:
         teacher_s = time.perf_counter() - started
         updates = [self._optimizer_step(micro[part], teacher[part])
                    for _ in range(cfg.actor.ppo_epochs) for part in minis]
-        metrics = {name: sum(u[name] for u in updates) / len(updates) for name in updates[0]}
+        names = sorted({name for u in updates for name in u})  # a part can be missing from a mini-batch
+        metrics = {name: sum(values) / len(values) for name in names
+                   for values in [[u[name] for u in updates if name in u]]}
         metrics["actor/skipped_updates"] = sum(u["actor/skipped_updates"] for u in updates)
         metrics["actor/lr"] = run.optimizer.param_groups[0]["lr"]
         if run.teacher is not None:
@@ -147,10 +177,10 @@ class Trainer:
         """Steps `step` -> `step + 1`; its metrics."""
         cfg, run = self.cfg, self.run
         started = time.perf_counter()
-        samples, metrics = self.rollouts(step, run.next_items())
+        samples, on_policy, metrics = self.rollouts(step, run.next_items())
         gen_s = time.perf_counter() - started
         batch = build_batch([p for p, _ in samples], [r for _, r in samples], run.pad_id, run.dims.device,
-                            cfg.parallel.sequence_multiple)
+                            cfg.parallel.sequence_multiple, on_policy)
         if run.engine is not None:  # a colocated SGLang server frees its GPU memory for the update
             run.engine.sleep()
         update_started = time.perf_counter()

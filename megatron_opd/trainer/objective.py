@@ -12,6 +12,8 @@ from megatron_opd.loss.kinds import FULL_KINDS, SAMPLED_KINDS
 from megatron_opd.loss.topk import topk_bucket_divergence
 from megatron_opd.trainer.config import ActorConfig
 
+PARTS = ("on_policy", "off_policy")  # the student's own samples; given responses (actor.lmbda < 1)
+
 
 def per_token_kl(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher: dict, head_weight,
                  actor: ActorConfig, temperature: float, vocab_size: int, group) -> torch.Tensor:
@@ -27,14 +29,21 @@ def per_token_kl(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
 
 
 def student_loss(hidden, weight, labels, loss_mask, teacher, head_weight, actor: ActorConfig, temperature: float,
-                 vocab_size: int, group, counts, index: int) -> tuple[torch.Tensor, dict]:
-    """Micro-batch `index`'s share of the mini-batch loss (shares sum to the global value)."""
+                 vocab_size: int, group, counts, index: int, on_policy=None) -> tuple[torch.Tensor, dict]:
+    """Micro-batch `index`'s share of the mini-batch loss (shares sum to the global value). With `on_policy`
+    ([mb], which rows the student sampled): also the KL sum and token count of each part."""
     kl = per_token_kl(hidden, weight, labels, teacher, head_weight, actor, temperature, vocab_size, group)
     entropy = (fused_linear_entropy(hidden, weight, temperature, group=group, vocab_size=vocab_size)
                if actor.entropy_coeff else None)
-    return distillation_loss(kl, loss_mask, actor.kl_loss_coef, entropy, actor.entropy_coeff, actor.loss_agg_mode,
-                             global_num_tokens=counts.num_tokens, global_num_seqs=counts.num_seqs,
-                             seq_num_tokens=counts.seq_num_tokens[index])
+    loss, metrics = distillation_loss(kl, loss_mask, actor.kl_loss_coef, entropy, actor.entropy_coeff,
+                                      actor.loss_agg_mode, global_num_tokens=counts.num_tokens,
+                                      global_num_seqs=counts.num_seqs, seq_num_tokens=counts.seq_num_tokens[index])
+    if on_policy is not None:
+        for part, rows in zip(PARTS, (on_policy, ~on_policy)):
+            mask = loss_mask * rows[:, None]
+            metrics[f"actor/kl_sum_{part}"] = (kl.detach() * mask).sum()
+            metrics[f"actor/tokens_{part}"] = mask.sum()
+    return loss, metrics
 
 
 def sft_loss(hidden, weight, labels, loss_mask, vocab_size: int, group, counts, index: int, loss_agg_mode: str):

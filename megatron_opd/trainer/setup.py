@@ -165,7 +165,7 @@ class Run:
 
     def next_items(self) -> list[dict]:
         items = [self.dataset[i] for i in self.sampler.next_batch()]
-        if self.cfg.trainer.mode == "sft":
+        if self.cfg.trainer.mode == "sft" or self.cfg.actor.lmbda < 1:
             for item in items:
                 item["response_ids"] = self.tokenizer(item["response"] + self.tokenizer.eos_token,
                                                       add_special_tokens=False)["input_ids"]

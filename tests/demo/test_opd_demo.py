@@ -6,7 +6,8 @@ import os
 import pyarrow.parquet as pq
 
 from megatron_opd.data import questions
-from megatron_opd.demo.opd_demo import BATCH, SAMPLES, main
+from megatron_opd.demo.opd_demo import main
+from megatron_opd.demo.settings import BATCH, SAMPLES
 
 
 def test_demo_stages_end_to_end(tmp_path, capsys):

@@ -44,6 +44,8 @@ def test_valid_overrides_build_a_config(distill_setup, tmp_path):
     ("data.truncation=middle", r"data.truncation='middle': must be one of error\|left\|right"),
     ("parallel.tensor=0", r"parallel.tensor=0: must be an integer >= 1"),
     ("trainer.mode=sft", r"data.response_key=None: is required with trainer.mode=sft"),
+    ("actor.lmbda=0.5", r"data.response_key=None: is required with actor.lmbda=0.5 < 1"),
+    ("actor.lmbda=1.5", r"actor.lmbda=1.5: must be in \[0, 1\]"),
 ])
 def test_bad_values_name_the_key(distill_setup, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):

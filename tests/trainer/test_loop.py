@@ -69,6 +69,34 @@ def test_other_divergences_fall(distill_setup, tmp_path, kind):
     assert mean_falls(kl_curve(history), 2), kl_curve(history)
 
 
+def test_on_policy_prompts_are_lmbda_of_the_batch_drawn_per_step():
+    from megatron_opd.trainer.loop import on_policy_prompts
+
+    assert on_policy_prompts(8, 1.0, 0, 3) == set(range(8)) and on_policy_prompts(8, 0.0, 0, 3) == set()
+    draws = [on_policy_prompts(8, 0.5, 0, step) for step in range(6)]
+    assert {len(d) for d in draws} == {4} and len({frozenset(d) for d in draws}) > 1
+    assert draws == [on_policy_prompts(8, 0.5, 0, step) for step in range(6)]  # a resumed run draws the same
+
+
+def test_off_policy_and_mixed_batches(distill_setup, tiny_tokenizer, tmp_path):
+    """lmbda=0: the divergence on the dataset's answers (supervised KD), every row off-policy; lmbda=0.5: half
+    the prompts answered by the student, the KL of each part reported and the whole between them."""
+    import pyarrow.parquet as pq
+
+    given = ("data.response_key=extra_info.answer", "trainer.total_steps=2", "actor.kl_loss_type=forward")
+    off = train(distill_setup, tmp_path / "off", *fixed_data(distill_setup), *given, "actor.lmbda=0")
+    answers = [row["extra_info"]["answer"] for row in pq.read_table(distill_setup["fixed"]).to_pylist()]
+    lengths = [len(tiny_tokenizer(a + tiny_tokenizer.eos_token, add_special_tokens=False)["input_ids"]) for a in answers]
+    for step in off:
+        assert step["rollout/on_policy_fraction"] == 0.0 and "actor/kl_loss_on_policy" not in step
+        assert step["response_length/mean"] == pytest.approx(sum(lengths) / len(lengths))
+        assert step["actor/kl_loss_off_policy"] == pytest.approx(step["actor/kl_loss"], rel=1e-6)
+    mixed = train(distill_setup, tmp_path / "mixed", *given, "actor.lmbda=0.5")
+    for step in mixed:
+        parts = step["actor/kl_loss_on_policy"], step["actor/kl_loss_off_policy"]
+        assert step["rollout/on_policy_fraction"] == 0.5 and min(parts) < step["actor/kl_loss"] < max(parts)
+
+
 def test_sft_mode_lowers_cross_entropy(distill_setup, tmp_path):
     history = train(distill_setup, tmp_path, *fixed_data(distill_setup), "trainer.mode=sft",
                     "data.response_key=extra_info.answer", "trainer.total_steps=6", "actor.optim.lr=3e-3")
