@@ -1,5 +1,6 @@
 """Prompt data: verl-schema parquet/jsonl prompt datasets with chat templates and overlong handling, a
-resumable sampler, the GSM8K scorer and an embedded synthetic arithmetic task. No torch.distributed here."""
+resumable sampler, the GSM8K scorer and embedded synthetic tasks (arithmetic here; walk-to-goal in
+`data/walk.py`). No torch.distributed here."""
 from megatron_opd.data.config import TRUNCATION_MODES, DataConfig, DataConfigError
 from megatron_opd.data.gsm8k_score import accuracy, extract_answer, normalize_number, score
 from megatron_opd.data.prompt_dataset import PromptDataset, collate_prompts

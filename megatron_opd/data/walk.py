@@ -1,0 +1,115 @@
+"""An embedded walk-to-goal task where a slip can be recovered from (the arithmetic task's slips are fatal).
+
+On a GRID x GRID board, walk from a start to a goal up and to the right with the moves U R D L, e.g. the
+question "walk 2 3 -> 7 8 :" and the answer "R U R R U U R U R U". With d the distance (6..14), a walk
+succeeds when it reaches the goal within d + SLACK moves without leaving the board; it is shortest when it
+reaches the goal in exactly d moves and stops there. A wrong move costs two of the SLACK moves, so a walker
+that steers back after a slip still succeeds. Rows are in verl's schema; the ground truth is "x0 y0 x1 y1".
+
+`perturbed_walk` gives the teacher's training walks: oracle walks with random wrong moves, each marked as a
+detour so that its loss can be masked out — the teacher then learns to get back on course from any position
+while its own samples never show a detour.
+"""
+import random
+from typing import Collection, Iterator, Optional
+
+from megatron_opd.data.schema import make_row
+
+GRID = 10
+MOVES = {"U": (0, 1), "R": (1, 0), "D": (0, -1), "L": (-1, 0)}
+SLACK = 4
+DISTANCES = range(6, 15)
+WALK_DATA_SOURCE = "synthetic_walk"
+INSTRUCTION = "Moves U R D L, separated by spaces."
+
+
+def walk_problem(rng: random.Random) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(start, goal): the goal up and to the right of the start at a distance in DISTANCES, both on the board."""
+    distance = rng.choice(DISTANCES)
+    dx = rng.randint(max(0, distance - (GRID - 1)), min(distance, GRID - 1))
+    dy = distance - dx
+    start = (rng.randint(0, GRID - 1 - dx), rng.randint(0, GRID - 1 - dy))
+    return start, (start[0] + dx, start[1] + dy)
+
+
+def question(start, goal) -> str:
+    return f"walk {start[0]} {start[1]} -> {goal[0]} {goal[1]} :"
+
+
+def oracle_moves(rng: random.Random, start, goal) -> list[str]:
+    """A shortest walk from any position on the board to the goal, its moves in random order."""
+    dx, dy = goal[0] - start[0], goal[1] - start[1]
+    moves = ["R" if dx > 0 else "L"] * abs(dx) + ["U" if dy > 0 else "D"] * abs(dy)
+    rng.shuffle(moves)
+    return moves
+
+
+def _step(position, move):
+    return position[0] + MOVES[move][0], position[1] + MOVES[move][1]
+
+
+def _on_board(position) -> bool:
+    return 0 <= position[0] < GRID and 0 <= position[1] < GRID
+
+
+def perturbed_walk(rng: random.Random, start, goal, detour_rate: float = 0.2) -> list[tuple[str, bool]]:
+    """(move, is_detour) pairs: before each move, with probability `detour_rate` (at most SLACK // 2 times),
+    a move away from the goal that stays on the board; then the oracle's next move from where the walk is."""
+    walk, position, detours = [], start, 0
+    while position != goal:
+        if detours < SLACK // 2 and rng.random() < detour_rate:
+            away = [m for m in ("D", "L") if _on_board(_step(position, m))]
+            if away:
+                move = rng.choice(away)
+                walk.append((move, True))
+                position, detours = _step(position, move), detours + 1
+                continue
+        move = oracle_moves(rng, position, goal)[0]
+        walk.append((move, False))
+        position = _step(position, move)
+    return walk
+
+
+def parse_moves(text: str) -> Optional[list[str]]:
+    """The moves of a response, or None when anything but moves separated by whitespace is in it."""
+    moves = text.split()
+    return moves if all(m in MOVES for m in moves) else None
+
+
+def walk_outcome(start, goal, text: str) -> dict:
+    """{"success", "shortest"} of a response: see the module docstring."""
+    moves = parse_moves(text)
+    distance = goal[0] - start[0] + goal[1] - start[1]
+    position, reached = start, None
+    for count, move in enumerate(moves or [], 1):
+        position = _step(position, move)
+        if not _on_board(position):
+            break
+        if position == goal:
+            reached = count
+            break
+    success = reached is not None and reached <= distance + SLACK
+    return {"success": success, "shortest": success and reached == distance == len(moves)}
+
+
+def parse_ground_truth(ground_truth: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    x0, y0, x1, y1 = map(int, ground_truth.split())
+    return (x0, y0), (x1, y1)
+
+
+def walk_rows(num_rows: int, seed: int = 0, split: str = "train", exclude: Collection[str] = ()) -> Iterator[dict]:
+    """Rows in verl's schema with an oracle walk as the answer, the same for the same arguments; questions in
+    `exclude` (another split's start/goal pairs) are drawn again."""
+    rng = random.Random(f"walk-{seed}-{split}")
+    index, draws = 0, 0
+    while index < num_rows:
+        start, goal = walk_problem(rng)
+        draws += 1
+        if question(start, goal) in exclude:
+            if draws > 100 * num_rows:
+                raise ValueError(f"excluding {len(exclude)} start/goal pairs leaves too few to draw {num_rows} rows")
+            continue
+        yield make_row(data_source=WALK_DATA_SOURCE, question=question(start, goal), instruction=INSTRUCTION,
+                       ground_truth=f"{start[0]} {start[1]} {goal[0]} {goal[1]}", split=split, index=index,
+                       answer=" ".join(oracle_moves(rng, start, goal)), ability="planning")
+        index += 1
