@@ -17,6 +17,10 @@ Settings that differ, and why:
 - TRL normalises the loss by the token count of the dataset's reference answers (Trainer's
   num_items_in_batch), ours by the sampled response tokens: the same work, another scale.
 
+After the rounds, bench/peer/shared_work.py times the work both trainers do in the same eager PyTorch — the
+teacher's forward and the student's forward+backward in transformers on a step-sized batch — and the report
+gives its share of TRL's step: the bound on any speed-up over TRL on this machine.
+
 Run: .venv/bin/python bench/peer_trl.py [--rounds 3] [--tokens 32 64] [--steps 30]   (~4 min at 3 rounds)
 Results (and the models, prompts, run logs) go to bench/results/peer_trl/ (git-ignored).
 """
@@ -38,6 +42,7 @@ TRL_VERSION = "1.16.0"
 ACCELERATE_VERSION = "1.15.0"
 TRL_VENV = os.path.join(REPO, "bench", ".trl-venv")
 TRL_WORKER = os.path.join(REPO, "bench", "peer", "trl_gkd.py")
+SHARED_WORK = os.path.join(REPO, "bench", "peer", "shared_work.py")
 OUT = os.path.join(REPO, "bench", "results", "peer_trl")
 
 # Qwen2 (4 heads, 2 KV heads, tied embeddings) over a 300-token BPE vocabulary: 629,888 and 3,471,616 parameters.
@@ -185,11 +190,23 @@ def run_logged(command: list, run_dir: str, system: str, threads: int) -> float:
     return others
 
 
+def shared_work(paths: dict, tokens: int, args) -> dict:
+    """The teacher's forward and the student's forward+backward in transformers on a step's batch (ms)."""
+    command = [sys.executable, SHARED_WORK, "--student", paths["student"], "--teacher", paths["teacher"],
+               "--prompts", paths["trl.jsonl"], "--tokens", str(tokens), "--batch", str(BATCH),
+               "--threads", str(args.threads)]
+    wait_for_quiet(args.quiet_below, args.max_wait)
+    done = subprocess.run(command, cwd=REPO, env=run_env(args.threads), capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{SHARED_WORK} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def median_ms(values: list) -> float:
     return 1000 * statistics.median(values)
 
 
-def report(results: dict, loads: list, args, versions: dict, counts: dict) -> str:
+def report(results: dict, loads: list, args, versions: dict, counts: dict, floors: dict) -> str:
     lines = [f"TRL {versions['trl']} GKDTrainer against megatron-opd (torch {versions['torch']}, transformers "
              f"{versions['transformers']}, accelerate {versions['accelerate']}); {args.rounds} round(s) of "
              f"{args.steps} steps per system, the first {WARMUP} of each run dropped",
@@ -203,6 +220,14 @@ def report(results: dict, loads: list, args, versions: dict, counts: dict) -> st
         rounds = " / ".join(", ".join(f"{median_ms(r['step_s']):.0f}" for r in results[tokens][s]) for s in SYSTEMS)
         phases = " / ".join(f"{median_ms([t for r in results[tokens]['ours'] for t in r[p]]):.1f}" for p in OUR_PHASES)
         lines.append(f"| {tokens} | {trl:.1f} | {ours:.1f} | {ours / trl:.2f} | {trl / ours:.2f}x | {rounds} | {phases} |")
+    lines += ["", "Work both trainers do in the same eager PyTorch (transformers' models, medians of 15): no step of "
+                  "either can be shorter.", "", "| new tokens | batch | teacher forward (ms) | student forward+backward "
+                  "(ms) | their sum / TRL step |", "|---|---|---|---|---|"]
+    for tokens in args.tokens:
+        floor, trl = floors[tokens], median_ms([t for r in results[tokens]["trl"] for t in r["step_s"]])
+        shared = floor["teacher_forward"] + floor["student_forward_backward"]
+        lines.append(f"| {tokens} | {floor['batch']} | {floor['teacher_forward']:.1f} | "
+                     f"{floor['student_forward_backward']:.1f} | {shared / trl:.2f} |")
     others = [r["others"] for by_system in results.values() for runs in by_system.values() for r in runs]
     ones = [load[0] for load in loads]
     lines += ["", f"other processes' CPU during the kept runs (cores): median {statistics.median(others):.2f}, max "
@@ -262,7 +287,8 @@ def main(argv=None):
                 print(f"round {round_ + 1}/{args.rounds} {system:>4} {tokens} tokens: median step "
                       f"{median_ms(result['step_s']):.1f} ms ({time.perf_counter() - started:.0f} s, others "
                       f"{result['others']:.2f} cores)", flush=True)
-    table = report(results, loads, args, versions, counts)
+    floors = {tokens: shared_work(paths, tokens, args) for tokens in args.tokens}
+    table = report(results, loads, args, versions, counts, floors)
     print("\n" + table)
     with open(os.path.join(OUT, "results.json"), "w") as f:
         json.dump({"results": results, "loads": loads, "versions": versions, "table": table}, f)
