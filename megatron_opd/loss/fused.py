@@ -33,16 +33,10 @@ class _FusedChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, kernel, *constants):
-        valid = kernel.shard.valid
-        logits = ProjectedLogits(hidden, weight[:valid])
-        outs, stats = [], []
-        for rows in kernel.rows:
-            out, stat = kernel.forward_chunk(rows, logits, *constants)
-            outs.append(out)
-            stats.append(stat)
+        out, stats = kernel.forward_all(ProjectedLogits(hidden, weight[:kernel.shard.valid]), *constants)
         ctx.kernel = kernel
-        ctx.save_for_backward(hidden, weight, torch.cat(stats) if stats else None, *constants)
-        return torch.cat(outs) if outs else kernel.empty_output(hidden)
+        ctx.save_for_backward(hidden, weight, stats, *constants)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -155,24 +155,25 @@ class ChunkKernel:
         self.shard, self.dtype, self.inv_temperature = shard, dtype, 1.0 / temperature
         self.rows = chunk_rows(logits.shape[0], shard.size, chunk_size, logits.device)
 
-    def empty_output(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.new_empty((0, *self.out_tail), dtype=self.dtype)
+    def forward_all(self, logits, *constants) -> tuple[torch.Tensor, torch.Tensor]:
+        """(every chunk's output, concatenated; the stats backward needs, None when there are no tokens)."""
+        outs, stats = [], []
+        for rows in self.rows:
+            out, stat = self.forward_chunk(rows, logits, *constants)
+            outs.append(out)
+            stats.append(stat)
+        if not outs:
+            return torch.empty((0, *self.out_tail), dtype=self.dtype, device=logits.device), None
+        return torch.cat(outs), torch.cat(stats)
 
 
 class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, kernel, *constants):  # logits [N, V/TP]
-        valid = logits[:, :kernel.shard.valid]
-        outs, stats = [], []
-        for rows in kernel.rows:
-            out, stat = kernel.forward_chunk(rows, valid, *constants)
-            outs.append(out)
-            stats.append(stat)
+        out, stats = kernel.forward_all(logits[:, :kernel.shard.valid], *constants)
         ctx.kernel = kernel
-        ctx.save_for_backward(logits, torch.cat(stats) if stats else None, *constants)
-        if outs:
-            return torch.cat(outs)
-        return kernel.empty_output(logits)
+        ctx.save_for_backward(logits, stats, *constants)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
