@@ -46,6 +46,11 @@ class TokenBatch:
         length, rounded up to `multiple`) stays within `max_tokens`; each cut to its own longest sequence."""
         lengths = self.lengths.tolist()
         order = sorted(range(self.size), key=lambda row: -lengths[row])
+        if padded_length(lengths[order[0]], multiple) > max_tokens:
+            raise ValueError(f"actor.max_tokens_per_micro_batch={max_tokens} is below a sequence of this step "
+                             f"({lengths[order[0]]} tokens, {padded_length(lengths[order[0]], multiple)} padded to "
+                             f"the layout's multiple of {multiple}): raise it to at least the longest "
+                             f"prompt + response")
         groups, group = [], []
         for row in order:
             longest = padded_length(lengths[group[0]] if group else lengths[row], multiple)
@@ -54,11 +59,6 @@ class TokenBatch:
                 group = []
             group.append(row)
         groups.append(group)
-        if padded_length(lengths[order[0]], multiple) > max_tokens:
-            raise ValueError(f"actor.max_tokens_per_micro_batch={max_tokens} is below a sequence of this step "
-                             f"({lengths[order[0]]} tokens, {padded_length(lengths[order[0]], multiple)} padded to "
-                             f"the layout's multiple of {multiple}): raise it to at least the longest "
-                             f"prompt + response")
         return [self.select(torch.tensor(group, device=self.tokens.device),
                             padded_length(lengths[group[0]], multiple)) for group in groups]
 
