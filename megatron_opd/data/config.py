@@ -38,6 +38,9 @@ class DataConfig:
     seed: int = 0
     prompt_key: str = "prompt"
     response_key: Optional[str] = None  # dotted path of the target response for SFT, e.g. extra_info.answer
+    # dotted path of [start, end) character spans of that response trained without loss (e.g. the detours of
+    # a walk the model should learn to recover from but never take); needs response_key
+    response_skip_key: Optional[str] = None
 
     def __post_init__(self):
         if self.train_files is not None:
@@ -55,5 +58,8 @@ class DataConfig:
                 raise DataConfigError(f"data.{key}={getattr(self, key)!r}: must be true or false")
         if not _is_int(self.seed) or self.seed < 0:
             raise DataConfigError(f"data.seed={self.seed!r}: must be an integer >= 0")
+        if self.response_skip_key is not None and not self.response_key:
+            raise DataConfigError(f"data.response_skip_key={self.response_skip_key!r}: needs data.response_key "
+                                  f"(the response its spans index into)")
         if not isinstance(self.prompt_key, str) or not self.prompt_key:
             raise DataConfigError(f"data.prompt_key={self.prompt_key!r}: must be a non-empty column name")

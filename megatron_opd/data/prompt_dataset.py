@@ -29,18 +29,19 @@ OVERLONG_FIX = ("raise data.max_prompt_length, set data.truncation=left|right, "
 class PromptDataset:
     """item = {"input_ids": list[int] (templated prompt incl. the generation prompt), "raw_prompt": messages,
     "ground_truth": str, "data_source": str, "index": int}, plus "response": str when `response_key` is set
-    (SFT targets). `index` is the row's position in the files
-    concatenated in order, counted before filtering, so it names the same prompt whatever the filter does."""
+    (SFT targets) and "response_skip" (its character spans without loss) when `response_skip_key` is. `index`
+    is the row's position in the files concatenated in order, counted before filtering, so it names the same
+    prompt whatever the filter does."""
 
     def __init__(self, files: Union[str, os.PathLike, Sequence], tokenizer, *, max_prompt_length: int,
                  truncation: str = "error", filter_overlong_prompts: bool = False, prompt_key: str = "prompt",
-                 response_key: Optional[str] = None):
+                 response_key: Optional[str] = None, response_skip_key: Optional[str] = None):
         if truncation not in TRUNCATION_MODES:
             raise DataConfigError(f"data.truncation={truncation!r}: must be one of {'|'.join(TRUNCATION_MODES)}")
         files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
         self.tokenizer, self.max_prompt_length, self.truncation = tokenizer, max_prompt_length, truncation
         self.prompt_key = prompt_key
-        self.sources = [open_source(path, prompt_key, response_key) for path in files]
+        self.sources = [open_source(path, prompt_key, response_key, response_skip_key) for path in files]
         self._starts = np.cumsum([0] + [len(source) for source in self.sources])
         self.num_rows = int(self._starts[-1])
         self._kept_rows: Optional[np.ndarray] = None
@@ -68,7 +69,8 @@ class PromptDataset:
             raise DataConfigError(f"data.{key} is not set; list the {split} files there")
         return cls(files, tokenizer, max_prompt_length=config.max_prompt_length, truncation=config.truncation,
                    filter_overlong_prompts=config.filter_overlong_prompts, prompt_key=config.prompt_key,
-                   response_key=config.response_key if split == "train" else None)
+                   response_key=config.response_key if split == "train" else None,
+                   response_skip_key=config.response_skip_key if split == "train" else None)
 
     @property
     def num_filtered(self) -> int:
@@ -106,8 +108,9 @@ class PromptDataset:
                          else input_ids[:self.max_prompt_length])
         item = {"input_ids": input_ids, "raw_prompt": record["raw_prompt"], "ground_truth": record["ground_truth"],
                 "data_source": record["data_source"], "index": row}
-        if "response" in record:
-            item["response"] = record["response"]
+        for key in ("response", "response_skip"):
+            if key in record:
+                item[key] = record[key]
         return item
 
 

@@ -109,10 +109,17 @@ def _missing_column_fix(key: str, prompt_key: str) -> str:
     return "preprocess the data into verl's schema (see examples/data_preprocess/gsm8k.py)"
 
 
+def _dotted(record: Any, key: str) -> Any:
+    for part in key.split("."):
+        record = record.get(part) if isinstance(record, dict) else None
+    return record
+
+
 def check_row(record: Any, path, row: int, prompt_key: str, line: Optional[int] = None,
-              response_key: Optional[str] = None) -> dict:
+              response_key: Optional[str] = None, response_skip_key: Optional[str] = None) -> dict:
     """Validate one row; return {"raw_prompt", "ground_truth", "data_source"} (+ "response" when
-    `response_key`, a dotted path such as extra_info.answer, is given)."""
+    `response_key`, a dotted path such as extra_info.answer, is given; + "response_skip", the [start, end)
+    character spans of the response left out of the loss, when `response_skip_key` is)."""
     def fail(problem: str, key: Optional[str] = None, fix: Optional[str] = None):
         raise DataError(path, problem, row=row, key=key, fix=fix, line=line)
 
@@ -142,13 +149,20 @@ def check_row(record: Any, path, row: int, prompt_key: str, line: Optional[int] 
              GROUND_TRUTH_HINT)
     checked = {"raw_prompt": messages, "ground_truth": truth, "data_source": record["data_source"]}
     if response_key:
-        response = record
-        for part in response_key.split("."):
-            response = response.get(part) if isinstance(response, dict) else None
+        response = _dotted(record, response_key)
         if not isinstance(response, str):
             fail(f"response is {_describe(response)}, expected a string", response_key,
                  "set data.response_key to the dotted path of the response text (e.g. extra_info.answer)")
         checked["response"] = response
+    if response_skip_key:
+        spans = _dotted(record, response_skip_key)
+        if not isinstance(spans, list) or not all(
+                isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(i, int) for i in s)
+                and 0 <= s[0] < s[1] <= len(checked["response"]) for s in spans):
+            fail(f"spans are {_describe(spans)}, expected a list of [start, end) character offsets into the "
+                 f"response ({len(checked['response'])} characters)", response_skip_key,
+                 "write [[start, end], ...] with 0 <= start < end <= len(response), or [] for none")
+        checked["response_skip"] = [tuple(s) for s in spans]
     return checked
 
 

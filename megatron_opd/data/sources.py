@@ -30,8 +30,10 @@ def _check_readable(path: str) -> None:
 
 
 class ParquetSource:
-    def __init__(self, path: str, prompt_key: str, response_key: Optional[str] = None):
-        self.path, self.prompt_key, self.response_key = path, prompt_key, response_key
+    def __init__(self, path: str, prompt_key: str, response_key: Optional[str] = None,
+                 response_skip_key: Optional[str] = None):
+        self.path, self.prompt_key = path, prompt_key
+        self.keys = {"response_key": response_key, "response_skip_key": response_skip_key}
         _check_readable(path)
         try:
             parquet = pq.ParquetFile(path, memory_map=True)
@@ -41,10 +43,12 @@ class ParquetSource:
         check_arrow_schema(parquet.schema_arrow, path, prompt_key)
         if parquet.metadata.num_rows == 0:
             raise DataError(path, "the file has no rows", fix="rerun the preprocessing that wrote it")
-        self._columns = (prompt_key, "data_source", "reward_model") + ((response_key.split(".")[0],) if response_key else ())
-        missing = [c for c in self._columns if c not in parquet.schema_arrow.names]
-        if missing:
-            raise DataError(path, f"no column {missing[0]!r}", key=response_key, fix="check data.response_key")
+        self._columns = (prompt_key, "data_source", "reward_model")
+        for name, key in self.keys.items():
+            if key and key.split(".")[0] not in parquet.schema_arrow.names:
+                raise DataError(path, f"no column {key.split('.')[0]!r}", key=key, fix=f"check data.{name}")
+            if key and key.split(".")[0] not in self._columns:
+                self._columns += (key.split(".")[0],)
         self._table = parquet.read(columns=list(self._columns))
 
     def __len__(self) -> int:
@@ -52,12 +56,12 @@ class ParquetSource:
 
     def row(self, index: int) -> dict:
         record = {key: self._table.column(key)[index].as_py() for key in self._columns}
-        return check_row(record, self.path, index, self.prompt_key, response_key=self.response_key)
+        return check_row(record, self.path, index, self.prompt_key, **self.keys)
 
     def rows(self, start: int, stop: int) -> list:
         """Rows start..stop-1, converted column-wise (many times faster than row by row)."""
         records = self._table.slice(start, stop - start).to_pylist()
-        return [check_row(record, self.path, start + i, self.prompt_key, response_key=self.response_key)
+        return [check_row(record, self.path, start + i, self.prompt_key, **self.keys)
                 for i, record in enumerate(records)]
 
 
@@ -72,8 +76,10 @@ def _newline_offsets(path: str, block_bytes: int = 1 << 22):
 
 
 class JsonlSource:
-    def __init__(self, path: str, prompt_key: str, response_key: Optional[str] = None):
-        self.path, self.prompt_key, self.response_key = path, prompt_key, response_key
+    def __init__(self, path: str, prompt_key: str, response_key: Optional[str] = None,
+                 response_skip_key: Optional[str] = None):
+        self.path, self.prompt_key = path, prompt_key
+        self.keys = {"response_key": response_key, "response_skip_key": response_skip_key}
         _check_readable(path)
         try:
             newlines, size = _newline_offsets(path)
@@ -101,19 +107,20 @@ class JsonlSource:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise DataError(self.path, f"not valid JSON ({error})", row=index, line=line,
                             fix="fix or remove that line") from None
-        return check_row(record, self.path, index, self.prompt_key, line=line, response_key=self.response_key)
+        return check_row(record, self.path, index, self.prompt_key, line=line, **self.keys)
 
     def rows(self, start: int, stop: int) -> list:
         return [self.row(index) for index in range(start, stop)]
 
 
-def open_source(path, prompt_key: str = "prompt", response_key: Optional[str] = None):
+def open_source(path, prompt_key: str = "prompt", response_key: Optional[str] = None,
+                response_skip_key: Optional[str] = None):
     """A ParquetSource or JsonlSource by the file's extension."""
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".parquet":
-        return ParquetSource(path, prompt_key, response_key)
+        return ParquetSource(path, prompt_key, response_key, response_skip_key)
     if suffix == ".jsonl":
-        return JsonlSource(path, prompt_key, response_key)
+        return JsonlSource(path, prompt_key, response_key, response_skip_key)
     raise DataError(path, f"unsupported file extension {suffix!r}",
                     fix=f"use one of {', '.join(SUPPORTED_SUFFIXES)} (convert other formats with pyarrow/pandas)")

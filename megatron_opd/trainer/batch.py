@@ -76,17 +76,26 @@ def split_micro_batches(batch: TokenBatch, micro_batch_size: int, max_tokens, mu
     return batch.micro_batches(micro_batch_size)
 
 
+def response_loss_mask(offsets: list[tuple[int, int]], skip: list[tuple[int, int]]) -> list[float]:
+    """1.0 for each response token (its character `offsets`) outside every `skip` span, 0.0 for a token that
+    overlaps one; a token the tokenizer merged across a span's edge is skipped whole."""
+    return [0.0 if any(start < end_skip and begin_skip < end for begin_skip, end_skip in skip) else 1.0
+            for start, end in offsets]
+
+
 def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device,
-                multiple: int = 1, on_policy: list[bool] = None) -> TokenBatch:
-    """`on_policy`: which responses the student sampled (default: all)."""
+                multiple: int = 1, on_policy: list[bool] = None, response_masks: list = None) -> TokenBatch:
+    """`on_policy`: which responses the student sampled (default: all); `response_masks`: per response a 0/1
+    list over its tokens (data.response_skip_key), or None to train on every token."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     length = padded_length(max(lengths), multiple)
     tokens, loss_mask = [], []
-    for prompt, response in zip(prompts, responses):
+    for prompt, response, mask in zip(prompts, responses, response_masks or [None] * len(prompts)):
         sequence = list(prompt) + list(response)
         tokens.append(sequence + [pad_id] * (length - len(sequence)))
         # Position t predicts token t+1: the response tokens are predicted from len(prompt)-1 on.
-        loss_mask.append([0.0] * (len(prompt) - 1) + [1.0] * len(response) + [0.0] * (length - len(sequence) + 1))
+        loss_mask.append([0.0] * (len(prompt) - 1) + (list(mask) if mask is not None else [1.0] * len(response))
+                         + [0.0] * (length - len(sequence) + 1))
     tokens = torch.tensor(tokens, dtype=torch.long, device=device)
     padding = torch.full((len(prompts), 1), pad_id, dtype=torch.long, device=device)
     labels = torch.cat([tokens[:, 1:], padding], dim=1)

@@ -55,6 +55,11 @@ def on_policy_prompts(count: int, lmbda: float, seed: int, step: int) -> set[int
     return set(random.Random(seed * 1_000_003 + step).sample(range(count), round(lmbda * count)))
 
 
+def _length_metrics(samples, key) -> dict:
+    lengths = [len(sample[key]) for sample in samples]
+    return {"response_length/mean": sum(lengths) / len(lengths), "response_length/max": max(lengths)}
+
+
 def _part_means(summed: dict) -> dict:
     """The KL of each part's tokens (token-mean), from the summed per-part shares."""
     for part in PARTS:
@@ -71,11 +76,13 @@ class Trainer:
 
     def rollouts(self, step: int, items: list[dict]):
         """Prompt+response token lists for this step, the same on every rank; which of them the student
-        sampled (`actor.lmbda` of the prompts; the others keep their given response, `rollout.n` times)."""
+        sampled (`actor.lmbda` of the prompts; the others keep their given response, `rollout.n` times); the
+        given responses' loss masks (None: every token)."""
         cfg, run = self.cfg, self.run
         prompts = [item["input_ids"] for item in items]
         if cfg.trainer.mode == "sft":
-            return [(p, item["response_ids"]) for p, item in zip(prompts, items)], [False] * len(items), {}
+            return ([(p, item["response_ids"]) for p, item in zip(prompts, items)], [False] * len(items),
+                    [item.get("response_loss_mask") for item in items], _length_metrics(items, "response_ids"))
         own, n = on_policy_prompts(len(items), cfg.actor.lmbda, cfg.trainer.seed, step), cfg.rollout.n
         samples = None
         if run.dims.rank == 0:
@@ -92,11 +99,11 @@ class Trainer:
         samples = _broadcast(samples)
         if isinstance(samples, RolloutError):
             raise samples
-        lengths = [len(r) for _, r in samples]
-        metrics = {"response_length/mean": sum(lengths) / len(lengths), "response_length/max": max(lengths)}
+        metrics = _length_metrics(samples, 1)
         if cfg.actor.lmbda < 1:
             metrics["rollout/on_policy_fraction"] = len(own) / len(items)
-        return samples, [i in own for i in range(len(items)) for _ in range(n)], metrics
+        masks = [None if i in own else item.get("response_loss_mask") for i, item in enumerate(items) for _ in range(n)]
+        return samples, [i in own for i in range(len(items)) for _ in range(n)], masks, metrics
 
     def _optimizer_step(self, mini: list, teacher: list) -> dict:
         """One optimizer step on a mini-batch (this rank's micro-batches); its global metrics."""
@@ -177,10 +184,10 @@ class Trainer:
         """Steps `step` -> `step + 1`; its metrics."""
         cfg, run = self.cfg, self.run
         started = time.perf_counter()
-        samples, on_policy, metrics = self.rollouts(step, run.next_items())
+        samples, on_policy, masks, metrics = self.rollouts(step, run.next_items())
         gen_s = time.perf_counter() - started
         batch = build_batch([p for p, _ in samples], [r for _, r in samples], run.pad_id, run.dims.device,
-                            cfg.parallel.sequence_multiple, on_policy)
+                            cfg.parallel.sequence_multiple, on_policy, masks)
         if run.engine is not None:  # a colocated SGLang server frees its GPU memory for the update
             run.engine.sleep()
         update_started = time.perf_counter()

@@ -8,7 +8,7 @@ import os
 import torch
 
 from checkpoint_tools.pretrained import checkpoint_dtype, is_hf_dir, load_pretrained
-from megatron_opd.data.gsm8k_score import accuracy
+from megatron_opd.data.scorers import mean_score
 from megatron_opd.data.prompt_dataset import PromptDataset
 from megatron_opd.data.sampler import PromptSampler
 from megatron_opd.models import load_arch, padded_vocab_size
@@ -22,6 +22,7 @@ from megatron_opd.teacher.layout import teacher_layout
 from megatron_opd.trainer.config import MODEL_DTYPES, ConfigError, ModelConfig, OPDConfig
 from megatron_opd.trainer.metrics import Metrics
 from megatron_opd.trainer.optim import wrap_and_build_optimizer
+from megatron_opd.trainer.batch import response_loss_mask
 from megatron_opd.trainer.vocab import load_tokenizer, shared_vocab_size
 from megatron_opd.trainer.weight_push import push_weights
 
@@ -167,19 +168,22 @@ class Run:
         items = [self.dataset[i] for i in self.sampler.next_batch()]
         if self.cfg.trainer.mode == "sft" or self.cfg.actor.lmbda < 1:
             for item in items:
-                item["response_ids"] = self.tokenizer(item["response"] + self.tokenizer.eos_token,
-                                                      add_special_tokens=False)["input_ids"]
+                encoded = self.tokenizer(item["response"] + self.tokenizer.eos_token, add_special_tokens=False,
+                                         return_offsets_mapping="response_skip" in item)
+                item["response_ids"] = encoded["input_ids"]
+                if "response_skip" in item:
+                    item["response_loss_mask"] = response_loss_mask(encoded["offset_mapping"], item["response_skip"])
         return items
 
     def validate(self) -> float:
-        """Greedy answers to every validation prompt, scored like GSM8K (strict '#### N')."""
+        """Greedy answers to every validation prompt, each scored by its data_source's scorer."""
         items = [self.val_dataset[i] for i in range(len(self.val_dataset))]
         max_new = self.cfg.trainer.val_max_new_tokens or self.cfg.rollout.response_length
         samples = self.engine.generate([it["input_ids"] for it in items], SamplingParams(
             max_new_tokens=max_new, temperature=0.0, stop_token_ids=(self.tokenizer.eos_token_id,),
             vocab_size=self.vocab_size))
         texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-        return accuracy(texts, [it["ground_truth"] for it in items])
+        return mean_score([it["data_source"] for it in items], texts, [it["ground_truth"] for it in items])
 
     def log(self, step: int, metrics: dict) -> None:
         if self.metrics is not None:

@@ -62,6 +62,29 @@ def test_response_key_gives_sft_targets(tmp_path, tiny_tokenizer, suffix):
         PromptDataset(path, tiny_tokenizer, max_prompt_length=256, response_key="extra_info.missing")[0]
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_response_skip_key_gives_checked_spans(tmp_path, tiny_tokenizer, suffix):
+    records = rows(2)
+    records[0]["extra_info"]["skip"], records[1]["extra_info"]["skip"] = [[0, 2], [3, 4]], [[0, 9]]
+    keys = dict(max_prompt_length=256, response_key="extra_info.answer", response_skip_key="extra_info.skip")
+    good, bad = (write(tmp_path / f"{name}{suffix}", part) if suffix == ".jsonl" else
+                 _parquet_with_skip(tmp_path / f"{name}{suffix}", part)
+                 for name, part in (("good", records[:1]), ("bad", records)))
+    assert PromptDataset(good, tiny_tokenizer, **keys)[0]["response_skip"] == [(0, 2), (3, 4)]
+    with pytest.raises(DataError, match=r"bad.*row 1.*key 'extra_info.skip': spans are .*6 characters"):
+        PromptDataset(bad, tiny_tokenizer, **keys)
+    with pytest.raises(DataConfigError, match="response_skip_key.*needs data.response_key"):
+        DataConfig(response_skip_key="extra_info.skip")
+
+
+def _parquet_with_skip(path, records):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return str(path)
+
+
 def test_many_files_of_both_formats(tmp_path, tiny_tokenizer):
     files = [write(tmp_path / "a.parquet", rows(3)), write(tmp_path / "b.jsonl", rows(5, start=3)),
              write(tmp_path / "c.parquet", rows(2, start=8))]

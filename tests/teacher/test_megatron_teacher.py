@@ -41,7 +41,7 @@ def _one_update(rank, world_size, cfg):
 
     loop.optimizer_step = capture  # this forked worker's module only
     run = trainer.run
-    samples, _, _ = trainer.rollouts(0, run.next_items())
+    samples, _, _, _ = trainer.rollouts(0, run.next_items())
     batch = build_batch([p for p, _ in samples], [r for _, r in samples], run.pad_id, run.dims.device)
     metrics, _ = trainer.update(samples, batch)
     run.close()

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from megatron_opd.trainer.batch import build_batch
+from megatron_opd.trainer.batch import build_batch, response_loss_mask
 from megatron_opd.trainer.config import to_config
 from tests.conftest import distill_overrides, run_distributed
 from tests.trainer.test_config import composed
@@ -65,3 +65,10 @@ def test_token_budget_training_equals_fixed_micro_batches(distill_setup, tmp_pat
     budget = run("budget", "actor.max_tokens_per_micro_batch=100")
     for step, ((kl, norm), (budget_kl, budget_norm)) in enumerate(zip(fixed, budget), 1):
         assert budget_kl == pytest.approx(kl, rel=1e-5) and budget_norm == pytest.approx(norm, rel=1e-5), step
+
+
+def test_response_masks_drop_the_tokens_overlapping_a_skipped_span():
+    # tokens "ab" "c" " d" "e" over "abc de"; skipping "c" and the "d" of " d"
+    assert response_loss_mask([(0, 2), (2, 3), (3, 5), (5, 6)], [(2, 3), (4, 5)]) == [1.0, 0.0, 0.0, 1.0]
+    batch = build_batch([[5, 6]], [[7, 8, 9]], pad_id=3, device=CPU, response_masks=[[1.0, 0.0, 1.0]])
+    assert batch.loss_mask.tolist() == [[0.0, 1.0, 0.0, 1.0, 0.0]]

@@ -104,6 +104,39 @@ def test_sft_mode_lowers_cross_entropy(distill_setup, tmp_path):
     assert mean_falls(losses, 2), losses
 
 
+def test_sft_skips_the_marked_spans_of_a_response(distill_setup, tmp_path):
+    """The first step's SFT loss is the token-mean cross-entropy (transformers' forward) over the response
+    tokens outside data.response_skip_key's spans: the skipped tokens carry no loss."""
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_opd.data.chat import encode_prompt
+
+    rows = pq.read_table(distill_setup["fixed"]).to_pylist()
+    for row in rows:  # skip the worked step, keep "#### N"
+        row["extra_info"]["skip"] = [[0, row["extra_info"]["answer"].index("####")]]
+    data = tmp_path / "skip.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    history = train(distill_setup, tmp_path / "run", f"data.train_files={data}", "data.shuffle=false",
+                    "trainer.mode=sft", "data.response_key=extra_info.answer", "data.response_skip_key=extra_info.skip",
+                    "trainer.total_steps=1")
+    tokenizer = AutoTokenizer.from_pretrained(distill_setup["student"])
+    model = AutoModelForCausalLM.from_pretrained(distill_setup["student"], dtype=torch.float32)
+    total, count = 0.0, 0
+    for row in rows:
+        answer = row["extra_info"]["answer"]
+        prompt = encode_prompt(tokenizer, row["prompt"])
+        kept = tokenizer(answer[answer.index("####"):] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        tokens = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        assert tokens[-len(kept):] == kept  # the span ends on a token boundary, so the kept tokens are these
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + tokens])).logits[0]
+        losses = torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1], torch.tensor(tokens), reduction="none")
+        total, count = total + float(losses[-len(kept):].sum()), count + len(kept)
+    assert history[0]["actor/sft_loss"] == pytest.approx(total / count, rel=1e-4)
+
+
 def test_sinks_write_their_files(tp1_history, distill_setup, tmp_path):
     train(distill_setup, tmp_path, "trainer.total_steps=2", "trainer.logger=[console,jsonl,tensorboard,wandb]")
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
