@@ -1,5 +1,6 @@
 """opd-generate: responses of a model to a prompt set, written as verl-schema rows with a `response`
-column (jsonl or parquet, by the output's extension), and the GSM8K-style accuracy printed.
+column (jsonl or parquet, by the output's extension), and the accuracy printed (each row scored by its
+data_source's scorer: GSM8K-style, or walk success).
 
 The output is valid training data as it stands: `trainer.mode=sft data.response_key=response` trains on
 it (the off-policy distillation baseline: SFT on teacher samples).
@@ -34,6 +35,7 @@ class GenerateConfig:
     output: str = "outputs/generations.jsonl"
     score_method: str = "strict"
     max_prompts: Optional[int] = None
+    seed: int = 0  # of the sampling (do_sample=true)
     device: str = "auto"  # auto (CUDA when usable, else CPU with a notice) | cuda | cpu
 
     def __post_init__(self):
@@ -43,6 +45,8 @@ class GenerateConfig:
             raise ConfigError("data.val_files=None: is required (the prompts to answer)")
         if not self.output.endswith((".jsonl", ".parquet")):
             raise ConfigError(f"output={self.output!r}: must end in .jsonl or .parquet")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed={self.seed!r}: must be an integer >= 0")
         if self.device not in DEVICE_KINDS:
             raise ConfigError(f"device={self.device!r}: must be one of {'|'.join(DEVICE_KINDS)}")
 
@@ -54,7 +58,7 @@ def generate(cfg: GenerateConfig) -> float:
     from transformers import AutoTokenizer
 
     from checkpoint_tools.pretrained import is_hf_dir
-    from megatron_opd.data.gsm8k_score import score
+    from megatron_opd.data.scorers import score_response
     from megatron_opd.data.prompt_dataset import PromptDataset
     from megatron_opd.models.builder import resolve_dtype
     from megatron_opd.parallel import resolve_device
@@ -70,7 +74,8 @@ def generate(cfg: GenerateConfig) -> float:
     items = [dataset[i] for i in range(min(len(dataset), cfg.max_prompts or len(dataset)))]
     r = cfg.rollout
     sampling = SamplingParams(max_new_tokens=r.response_length, temperature=r.temperature if cfg.do_sample else 0.0,
-                              top_p=r.top_p, top_k=r.top_k, n=r.n, stop_token_ids=(tokenizer.eos_token_id,), seed=0)
+                              top_p=r.top_p, top_k=r.top_k, n=r.n, stop_token_ids=(tokenizer.eos_token_id,),
+                              seed=cfg.seed)
     engine = make_engine(r.engine, cfg.model.path, r.sglang, dtype=resolve_dtype(model_dtype(cfg.model, "model")),
                          device=resolve_device(cfg.device))
     engine.start()
@@ -87,7 +92,7 @@ def generate(cfg: GenerateConfig) -> float:
         rows.append({"data_source": item["data_source"], "prompt": item["raw_prompt"], "ability": "math",
                      "reward_model": {"style": "rule", "ground_truth": item["ground_truth"]},
                      "extra_info": {"index": item["index"], "sample": k % r.n}, "response": text,
-                     "score": score(text, item["ground_truth"], cfg.score_method)})
+                     "score": score_response(item["data_source"], text, item["ground_truth"], cfg.score_method)})
     _write(rows, cfg.output)
     accuracy = sum(row["score"] for row in rows) / len(rows)
     tokens = sum(len(s.response_ids) for s in samples)
