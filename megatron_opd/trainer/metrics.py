@@ -32,7 +32,8 @@ class ConsoleSink:
 class JsonlSink:
     def __init__(self, path: str, start_step: int):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.has_start_step = self._keep_up_to(path, start_step) if start_step else True
+        # a fresh run (start_step 0) keeps no line of an earlier run in the same save_dir
+        self.has_start_step = self._keep_up_to(path, start_step) or not start_step
         self.file = open(path, "a")
 
     @staticmethod

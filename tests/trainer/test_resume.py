@@ -97,3 +97,15 @@ def test_a_trainer_killed_alone_leaves_no_helper_process(distill_setup, tmp_path
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_fresh_run_keeps_no_metrics_line_of_an_earlier_one(tmp_path):
+    """trainer.resume=never into a save_dir that holds an earlier (say, killed) run's metrics.jsonl."""
+    from megatron_opd.trainer.metrics import JsonlSink
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "a": 5.0}\n{"step": 2, "a": 6.0}\n')
+    sink = JsonlSink(str(path), start_step=0)
+    sink.log(1, {"a": 1.0})
+    sink.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "a": 1.0}]
