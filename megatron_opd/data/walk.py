@@ -1,16 +1,24 @@
 """An embedded walk-to-goal task where a slip can be recovered from (the arithmetic task's slips are fatal).
 
 On a GRID x GRID board, walk from a start to a goal up and to the right with the moves U R D L, e.g. the
-question "walk 2 3 -> 7 8 :" and the answer "R U R R U U R U R U". With d the distance (6..14), a walk
-succeeds when it reaches the goal within d + SLACK moves without leaving the board; it is shortest when it
-reaches the goal in exactly d moves and stops there. A wrong move costs two of the SLACK moves, so a walker
-that steers back after a slip still succeeds. Rows are in verl's schema; the ground truth is "x0 y0 x1 y1".
+question "walk 2 3 -> 7 8 :". Each move is written with what remains of the way after it (goal minus
+position, x then y, a signed digit each): "R45 U44 R34 ...". With d the distance (6..14), a walk succeeds
+when it reaches the goal within d + SLACK moves without leaving the board; it is shortest when it reaches
+the goal in exactly d moves and stops there. A wrong move costs two of the SLACK moves, so a walker that
+steers back after a slip succeeds. Rows are in verl's schema; the ground truth is "x0 y0 x1 y1".
+
+Why the notes: a tiny model must otherwise count its moves to know where it is, and the 4-layer teacher did
+not learn that in 1000 steps (success 0.10-0.15, loss flat). With them each move is one-digit arithmetic, as
+in the arithmetic task, and a slip still leads somewhere a teacher's own walks never go: a wrong move makes a
+remaining distance grow, which no shortest walk shows. Written without spaces, a move is 3 tokens under
+Qwen2's pre-tokenizer (one token per digit).
 
 `perturbed_walk` gives the teacher's training walks: oracle walks with random wrong moves, each marked as a
-detour so that its loss can be masked out — the teacher then learns to get back on course from any position
-while its own samples never show a detour.
+detour so that its loss can be masked out (its note is kept) — the teacher then learns to get back on course
+from any position while its own samples never show a detour.
 """
 import random
+import re
 from typing import Collection, Iterator, Optional
 
 from megatron_opd.data.schema import make_row
@@ -20,7 +28,8 @@ MOVES = {"U": (0, 1), "R": (1, 0), "D": (0, -1), "L": (-1, 0)}
 SLACK = 4
 DISTANCES = range(6, 15)
 WALK_DATA_SOURCE = "synthetic_walk"
-INSTRUCTION = "Moves U R D L, separated by spaces."
+INSTRUCTION = "Moves U R D L, each with the x and y left."
+_WORD = re.compile(r"([URDL])(?:-?\d-?\d)?")
 
 
 def walk_problem(rng: random.Random) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -70,10 +79,21 @@ def perturbed_walk(rng: random.Random, start, goal, detour_rate: float = 0.2) ->
     return walk
 
 
+def walk_text(start, goal, moves: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The response for `moves`: each move and the remaining (dx, dy) after it; and each move's character span."""
+    text, spans, position = "", [], start
+    for move in moves:
+        position = _step(position, move)
+        text += " " if text else ""
+        spans.append((len(text), len(text) + 1))
+        text += f"{move}{goal[0] - position[0]}{goal[1] - position[1]}"
+    return text, spans
+
+
 def parse_moves(text: str) -> Optional[list[str]]:
-    """The moves of a response, or None when anything but moves separated by whitespace is in it."""
-    moves = text.split()
-    return moves if all(m in MOVES for m in moves) else None
+    """The moves of a response, or None when a word is not a move with an optional note ("R45", "L-10", "U")."""
+    matches = [_WORD.fullmatch(word) for word in text.split()]
+    return None if not all(matches) else [m.group(1) for m in matches]
 
 
 def walk_outcome(start, goal, text: str) -> dict:
@@ -111,5 +131,18 @@ def walk_rows(num_rows: int, seed: int = 0, split: str = "train", exclude: Colle
             continue
         yield make_row(data_source=WALK_DATA_SOURCE, question=question(start, goal), instruction=INSTRUCTION,
                        ground_truth=f"{start[0]} {start[1]} {goal[0]} {goal[1]}", split=split, index=index,
-                       answer=" ".join(oracle_moves(rng, start, goal)), ability="planning")
+                       answer=walk_text(start, goal, oracle_moves(rng, start, goal))[0], ability="planning")
         index += 1
+
+
+def detour_walk_rows(num_rows: int, seed: int = 0, exclude: Collection[str] = (),
+                     detour_rate: float = 0.2) -> Iterator[dict]:
+    """The teacher's training rows: `perturbed_walk`s as the answer, with extra_info.detours the [start, end)
+    character spans of the wrong moves (`data.response_skip_key=extra_info.detours` trains without them)."""
+    rng = random.Random(f"walk-detours-{seed}")
+    for row in walk_rows(num_rows, seed, "teacher", exclude):
+        start, goal = parse_ground_truth(row["reward_model"]["ground_truth"])
+        walk = perturbed_walk(rng, start, goal, detour_rate)
+        text, spans = walk_text(start, goal, [move for move, _ in walk])
+        row["extra_info"].update(answer=text, detours=[list(span) for span, (_, detour) in zip(spans, walk) if detour])
+        yield row

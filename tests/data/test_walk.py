@@ -2,9 +2,10 @@
 perturbed walks recover within the slack with their detours marked, the scorer's edges, held-out rows."""
 import random
 
+from megatron_opd.data.scorers import mean_score
 from megatron_opd.data.walk import (
-    DISTANCES, GRID, SLACK, oracle_moves, parse_ground_truth, perturbed_walk, question, walk_outcome, walk_problem,
-    walk_rows)
+    DISTANCES, GRID, SLACK, WALK_DATA_SOURCE, detour_walk_rows, oracle_moves, parse_ground_truth, perturbed_walk,
+    parse_moves, question, walk_outcome, walk_problem, walk_rows, walk_text)
 
 
 def test_problems_lie_on_the_board_up_and_right_at_every_distance():
@@ -22,8 +23,9 @@ def test_oracle_walks_succeed_shortest_and_extra_moves_cost_shortest_only():
     for _ in range(200):
         start, goal = walk_problem(rng)
         moves = oracle_moves(rng, start, goal)
-        assert walk_outcome(start, goal, " ".join(moves)) == {"success": True, "shortest": True}
-        assert walk_outcome(start, goal, " ".join(moves + ["U"])) == {"success": True, "shortest": False}
+        assert walk_outcome(start, goal, walk_text(start, goal, moves)[0]) == {"success": True, "shortest": True}
+        assert walk_outcome(start, goal, walk_text(start, goal, moves + ["U"])[0]) == {"success": True,
+                                                                                       "shortest": False}
 
 
 def test_perturbed_walks_recover_within_the_slack_with_detours_marked():
@@ -47,6 +49,8 @@ def test_the_scorer_fails_off_board_garbled_and_too_long_walks():
     assert not walk_outcome(start, goal, "L R R R U U U")["success"]  # leaves the board first
     assert not walk_outcome(start, goal, "R R R U U U #### 7")["success"]
     assert not walk_outcome(start, goal, "")["success"]
+    assert not walk_outcome(start, goal, "R23 R1x R U U U")["success"]  # a note that is no number
+    assert walk_outcome(start, goal, "R23 R13 R03 U02 U01 U00")["success"]
     assert walk_outcome(start, goal, "U D U D R R R U U U")["success"]  # 10 moves
     assert not walk_outcome(start, goal, "U D U D U D R R R U U U")["success"]  # 12 moves
 
@@ -61,3 +65,26 @@ def test_rows_are_reproducible_hold_out_a_split_and_answer_with_an_oracle_walk()
         start, goal = parse_ground_truth(row["reward_model"]["ground_truth"])
         assert row["extra_info"]["question"] == question(start, goal)
         assert walk_outcome(start, goal, row["extra_info"]["answer"]) == {"success": True, "shortest": True}
+
+
+def test_detour_rows_mark_exactly_the_wrong_moves_and_the_rest_is_an_oracle_walk():
+    marked = 0
+    for row in detour_walk_rows(200, seed=3, detour_rate=0.3):
+        answer, spans = row["extra_info"]["answer"], row["extra_info"]["detours"]
+        start, goal = parse_ground_truth(row["reward_model"]["ground_truth"])
+        assert all(answer[a:b] in ("D", "L") for a, b in spans) and walk_outcome(start, goal, answer)["success"]
+        moves = parse_moves(answer)
+        assert len(moves) == goal[0] - start[0] + goal[1] - start[1] + 2 * len(spans)
+        marked += len(spans)
+    assert marked > 50
+
+
+def test_rows_are_scored_by_their_data_source():
+    walk, arithmetic = (WALK_DATA_SOURCE, "synthetic_arithmetic")
+    assert mean_score([walk, walk, arithmetic], ["R R R U U U", "R R R", "#### 7"], ["0 0 3 3"] * 2 + ["7"]) == 2 / 3
+
+
+def test_each_move_is_followed_by_the_remaining_way():
+    text, spans = walk_text((2, 3), (4, 4), ["R", "L", "R", "R", "R", "L", "U"])
+    assert text == "R11 L21 R11 R01 R-11 L01 U00" and [text[a:b] for a, b in spans] == list("RLRRRLU")
+    assert parse_moves(text) == list("RLRRRLU")
