@@ -1,186 +1,104 @@
-"""The main job on the embedded default: on-policy distillation on CPU in minutes, with its baseline.
+"""The main job on the embedded default: where on-policy distillation wins and where it does not, on CPU.
 
-  1. teacher: SFT of a 4-layer model on the synthetic task's worked answers (two-step sums, held-out test);
-  2. student: brief SFT of a 3-layer model, so it starts weak;
-  3. on-policy: the student distilled from the teacher on its own samples (opd-train, embedded engine);
-  4. off-policy baseline: the same weak student SFT'd on teacher samples (opd-generate) holding as many
-     tokens as the teacher scored in step 3 (opd-train trainer.mode=sft);
-  5. report: held-out accuracy (greedy) and KL(student || teacher) on the student's own samples for each,
-     a table, a JSON summary and a plot of accuracy and KL against steps.
+Two tasks: two-step arithmetic, where a slip is fatal, and walk-to-goal with slack, where a slip can be
+recovered from and the teacher (trained on walks with masked detours) knows how, while its own samples never
+show a detour. Per seed, the same teacher and cold-start student go through three arms at an equal budget
+(on-policy KD, SeqKD, supervised KD; experiment.py), each at the lr the same grid chose for it on the
+validation split; every trained model is scored on held-out prompts (evaluate.py) and the arms are compared
+by the statistics fixed in verdict.py (report.py).
 
-Every stage goes through the project's CLIs and keeps its outputs under --out, so a stage can be re-run
-alone (`--stages onpolicy,report`); a stage whose output exists is skipped unless --force. Independent
-stages (teacher and student; on-policy and the teacher's samples) run side by side, a core each.
+The demo (default) runs one seed at one lr in about 15 minutes on 2 cores; --full runs 5 seeds with the lr
+grid. Outputs under --out; a job whose output exists is skipped (re-running resumes), --force re-runs all.
 
-Run: .venv/bin/python -m megatron_opd.demo.opd_demo [--out runs/demo] [--seed 0]
+Run: .venv/bin/python -m megatron_opd.demo.opd_demo [--full] [--out runs/demo]
 """
 import argparse
-import json
+import dataclasses
 import os
-import shutil
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-from megatron_opd.demo.cli_runner import cli, share_cores
-from megatron_opd.demo.report import measure_and_report
-from megatron_opd.demo.settings import (
-    BATCH, DIFFICULTY, DISTILL_OPTIM, KL, LANES, LARGEST, RESPONSE_TOKENS, SAMPLES, SFT_COMMON, STUDENT, TEACHER,
-    TEMPERATURE, TEST_PROBLEMS)
-
-STAGES = ("data", "teacher", "student", "samples", "onpolicy", "offpolicy", "report")
-NEEDS = {"data": (), "teacher": ("data",), "student": ("data",), "samples": ("teacher",),
-         "onpolicy": ("teacher", "student"), "offpolicy": ("student", "samples", "onpolicy"),
-         "report": ("onpolicy", "offpolicy")}
+from megatron_opd.demo.experiment import Experiment
+from megatron_opd.demo.jobs import Job, run_jobs
+from megatron_opd.demo.report import write_report
+from megatron_opd.demo.settings import ARMS, LANES, PRESETS, TASKS
+from megatron_opd.demo.tasks import write_task
 
 
-class Demo:
-    def __init__(self, out: str, seed: int, teacher_steps: int, student_steps: int, distill_steps: int):
-        self.out, self.seed = out, seed
-        self.teacher_steps, self.student_steps, self.distill_steps = teacher_steps, student_steps, distill_steps
-
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.out, *parts)
-
-    def data(self) -> None:
-        from megatron_opd.data import questions, synthetic_rows, write_rows, write_synthetic_parquet
-        from megatron_opd.models.tiny import train_tokenizer, write_tiny_checkpoint
-
-        os.makedirs(self.path("data"), exist_ok=True)
-        test = list(synthetic_rows(TEST_PROBLEMS, DIFFICULTY, seed=self.seed, split="test", largest=LARGEST))
-        write_rows(self.path("data", "test.parquet"), test)
-        # Held out: no test question is among the training prompts (nor in the tokenizer's corpus).
-        held_out = questions(test)
-        write_synthetic_parquet(self.path("data", "train.parquet"), 20000, DIFFICULTY, seed=self.seed,
-                                exclude=held_out, largest=LARGEST)
-        corpus = synthetic_rows(2000, DIFFICULTY, seed=self.seed, exclude=held_out, largest=LARGEST)
-        tokenizer = train_tokenizer([r["prompt"][0]["content"] + " " + r["extra_info"]["answer"] for r in corpus], 400)
-        write_tiny_checkpoint(self.path("init", "teacher"), "qwen2", seed=self.seed, tokenizer=tokenizer, **TEACHER)
-        write_tiny_checkpoint(self.path("init", "student"), "qwen2", seed=self.seed + 1, tokenizer=tokenizer, **STUDENT)
-
-    def common(self, save_dir: str) -> list[str]:
-        return [f"data.train_files={self.path('data', 'train.parquet')}",
-                f"data.val_files={self.path('data', 'test.parquet')}", f"data.seed={self.seed}",
-                f"trainer.seed={self.seed}", f"trainer.save_dir={save_dir}", "trainer.logger=[jsonl]",
-                "data.max_prompt_length=64", f"rollout.response_length={RESPONSE_TOKENS}"]
-
-    def _ground_truth_sft(self, name: str, steps: int) -> None:
-        cli("megatron_opd.train", *SFT_COMMON, *self.common(self.path(name)), f"student.path={self.path('init', name)}",
-            "data.train_batch_size=32", "actor.micro_batch_size=32", "actor.optim.lr=3e-3",
-            f"trainer.total_steps={steps}")
-
-    def teacher(self) -> None:
-        self._ground_truth_sft("teacher", self.teacher_steps)
-
-    def student(self) -> None:
-        self._ground_truth_sft("student", self.student_steps)
-
-    def onpolicy(self) -> None:
-        cli("megatron_opd.train", *self.common(self.path("onpolicy")), f"student.path={self.path('student', 'hf')}",
-            f"teacher.path={self.path('teacher', 'hf')}", f"data.train_batch_size={BATCH}", f"rollout.n={SAMPLES}",
-            f"rollout.temperature={TEMPERATURE}", f"actor.kl_loss_type={KL}", *DISTILL_OPTIM,
-            f"actor.micro_batch_size={BATCH * SAMPLES}", f"trainer.total_steps={self.distill_steps}",
-            f"trainer.test_freq={max(1, self.distill_steps // 5)}")
-
-    def onpolicy_budget(self) -> int:
-        """The teacher-scored tokens of the on-policy run."""
-        steps = [json.loads(line) for line in open(self.path("onpolicy", "metrics.jsonl")) if '"actor/kl_loss"' in line]
-        return int(sum(s["response_length/mean"] * BATCH * SAMPLES for s in steps))
-
-    def samples(self) -> None:
-        """Teacher samples on the training prompts, a quarter more than on-policy will score: teacher answers
-        are about as long as the student's, so the off-policy stage can cut them to the measured budget."""
-        os.makedirs(self.path("samples"), exist_ok=True)
-        cli("megatron_opd.generate", f"model.path={self.path('teacher', 'hf')}",
-            f"data.val_files={self.path('data', 'train.parquet')}",
-            f"max_prompts={self.distill_steps * BATCH * 5 // 4}", "do_sample=true", f"rollout.n={SAMPLES}",
-            f"rollout.temperature={TEMPERATURE}", f"rollout.response_length={RESPONSE_TOKENS}",
-            "data.max_prompt_length=64",
-            f"output={self.path('samples', 'teacher_samples.jsonl')}")
-
-    def offpolicy(self) -> None:
-        budget = self.onpolicy_budget()
-        os.makedirs(self.path("offpolicy"), exist_ok=True)
-        kept_path, kept = self._samples_within(self.path("samples", "teacher_samples.jsonl"), budget)
-        # As many sequences per step as the on-policy run trained on, so the step counts line up too.
-        steps = max(1, kept // (BATCH * SAMPLES))
-        cli("megatron_opd.train", "trainer.mode=sft", "data.response_key=response",
-            *self.common(self.path("offpolicy")), f"data.train_files={kept_path}",
-            f"student.path={self.path('student', 'hf')}",
-            f"data.train_batch_size={BATCH * SAMPLES}", f"actor.micro_batch_size={BATCH * SAMPLES}",
-            *DISTILL_OPTIM, "data.shuffle=false", f"trainer.total_steps={steps}",
-            f"trainer.test_freq={max(1, steps // 5)}")
-
-    def _samples_within(self, samples_path: str, budget: int) -> tuple[str, int]:
-        """The first teacher samples whose tokens (+ end of sequence) fit the budget, as a file of their own."""
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(self.path("teacher", "hf"))
-        kept, tokens = [], 0
-        for line in open(samples_path):
-            tokens += len(tokenizer(json.loads(line)["response"], add_special_tokens=False)["input_ids"]) + 1
-            if tokens > budget:
-                break
-            kept.append(line)
-        path = self.path("offpolicy", "teacher_samples_budget.jsonl")
-        with open(path, "w") as f:
-            f.writelines(kept)
-        return path, len(kept)
-
-    def report(self) -> dict:
-        return measure_and_report(self)
+def _hf(directory: str) -> str:
+    return os.path.join(directory, "hf", "config.json")
 
 
-def run_stages(demo: "Demo", stages: list[str], outputs: dict, force: bool) -> None:
-    """Runs the chosen stages, each once the chosen stages it needs are done, LANES at a time."""
-    pending = []
-    for stage in stages:
-        if outputs[stage] and os.path.exists(outputs[stage]) and not force:
-            print(f"[{stage}] exists, skipped ({outputs[stage]})", flush=True)
-        else:
-            pending.append(stage)
-
-    def run(stage: str, lanes: int) -> None:
-        share_cores(lanes)
-        if stage not in ("data", "report"):
-            shutil.rmtree(demo.path(stage), ignore_errors=True)
-        print(f"[{stage}]", flush=True)
-        getattr(demo, stage)()
-
-    running = {}
-    with ThreadPoolExecutor(LANES) as pool:
-        while pending or running:
-            ready = [s for s in pending if not any(n in pending or n in running.values() for n in NEEDS[s])]
-            for stage in ready[:LANES - len(running)]:
-                pending.remove(stage)
-                lanes = LANES if len(ready) > 1 or running else 1
-                running[pool.submit(run, stage, lanes)] = stage
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                running.pop(future)
-                future.result()
+def task_jobs(exp: Experiment, task: str) -> list[Job]:
+    data, teacher, checked = f"{task}/data", f"{task}/teacher", f"{task}/eval/teacher"
+    jobs = [Job(data, lambda: write_task(task, exp.path(task, "data")), exp.path(task, "data", "init_teacher",
+                                                                                  "config.json")),
+            Job(teacher, lambda: exp.teacher(task), _hf(exp.path(task, "teacher")), (data,)),
+            Job(checked, lambda: exp.evaluate_teacher(task), exp.eval_path(task, None, "teacher"), (teacher,))]
+    grid = len(exp.preset.lr_grid) > 1
+    val_evals = []
+    for seed in range(exp.preset.seeds):
+        prefix = f"{task}/seed{seed}"
+        student, samples = f"{prefix}/student", f"{prefix}/samples"
+        jobs += [Job(student, lambda s=seed: exp.student(task, s), _hf(exp.path(task, f"seed{seed}", "student")),
+                     (data,)),
+                 Job(f"{prefix}/eval/student", lambda s=seed: exp.evaluate(
+                     exp.path(task, f"seed{s}", "student", "hf"), task, "test", exp.eval_path(task, s, "student")),
+                     exp.eval_path(task, seed, "student"), (student,)),
+                 Job(samples, lambda s=seed: exp.samples(task, s),
+                     exp.path(task, f"seed{seed}", "teacher_samples.jsonl"), (teacher,))]
+        for arm in ARMS:
+            inputs = (student, checked) if arm == "on-policy" else (student, checked, samples)
+            if exp.grid_run(seed):
+                for lr in exp.preset.lr_grid:
+                    run = f"{prefix}/{exp.run_name(arm, lr)}"
+                    jobs.append(Job(run, lambda s=seed, a=arm, r=lr: exp.arm(task, s, a, r),
+                                    _hf(exp.run_dir(task, seed, arm, lr)), inputs))
+                    val_file = exp.eval_path(task, seed, exp.run_name(arm, lr), "val")
+                    jobs.append(Job(f"{run}/val", lambda s=seed, a=arm, r=lr, f=val_file: exp.evaluate(
+                        os.path.join(exp.run_dir(task, s, a, r), "hf"), task, "val", f), val_file, (run,)))
+                    val_evals.append(f"{run}/val")
+                trained = (f"{task}/lr_choice",)
+            else:
+                run = f"{prefix}/{exp.run_name(arm)}"
+                jobs.append(Job(run, lambda s=seed, a=arm: exp.arm(task, s, a), _hf(exp.run_dir(task, seed, arm)),
+                                inputs + ((f"{task}/lr_choice",) if grid else ())))
+                trained = (run,)
+            test_file = exp.eval_path(task, seed, exp.run_name(arm))
+            jobs.append(Job(f"{prefix}/eval/{exp.run_name(arm)}", lambda s=seed, a=arm, f=test_file: exp.evaluate(
+                exp.trained(task, s, a), task, "test", f), test_file, trained))
+    if grid:
+        jobs.append(Job(f"{task}/lr_choice", lambda: exp.choose_lrs(task), exp.lr_choice_path(task), tuple(val_evals)))
+    return jobs
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stages", default=",".join(STAGES))
-    parser.add_argument("--force", action="store_true", help="re-run stages whose outputs exist")
-    parser.add_argument("--teacher-steps", type=int, default=800)
-    parser.add_argument("--student-steps", type=int, default=300)
-    parser.add_argument("--distill-steps", type=int, default=500)
+    parser.add_argument("--full", action="store_true", help="5 seeds and the lr grid (see settings.PRESETS)")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--force", action="store_true", help="re-run jobs whose outputs exist")
+    parser.add_argument("--seeds", type=int, help="override the preset's seed count")
+    parser.add_argument("--steps", type=int, help="override the preset's optimizer steps per arm")
+    parser.add_argument("--lr-grid", help="override the preset's lr grid, e.g. 1e-3,3e-3")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply the teacher's and the cold start's steps (a quick look: 0.05)")
     args = parser.parse_args(argv)
-    demo = Demo(args.out, args.seed, args.teacher_steps, args.student_steps, args.distill_steps)
-    outputs = {"data": demo.path("init", "student"), "teacher": demo.path("teacher", "hf"),
-               "student": demo.path("student", "hf"), "samples": demo.path("samples", "teacher_samples.jsonl"),
-               "onpolicy": demo.path("onpolicy", "hf"), "offpolicy": demo.path("offpolicy", "hf"), "report": None}
-    stages = args.stages.split(",")
-    for stage in stages:
-        if stage not in STAGES:
-            raise SystemExit(f"--stages: unknown stage {stage!r}; choose from {','.join(STAGES)}")
+    preset = PRESETS["full" if args.full else "demo"]
+    overrides = {"seeds": args.seeds, "steps": args.steps,
+                 "lr_grid": tuple(map(float, args.lr_grid.split(","))) if args.lr_grid else None}
+    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    tasks = args.tasks.split(",")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"--tasks: unknown task {unknown[0]!r}; choose from {','.join(TASKS)}")
+    exp = Experiment(args.out, preset, tasks, scale=args.scale, strict=args.full)
     started = time.perf_counter()
-    run_stages(demo, stages, outputs, args.force)
-    print(f"demo finished in {time.perf_counter() - started:.0f}s")
+    per_task = [task_jobs(exp, task) for task in tasks]
+    # every task's data, teacher and its check first: the teachers are the longest jobs, the rest waits on them
+    jobs = [job for head in per_task for job in head[:3]] + [job for rest in per_task for job in rest[3:]]
+    seconds = run_jobs(jobs, LANES, exp.path("seconds.json"), args.force)
+    write_report(exp, seconds)
+    print(f"finished in {time.perf_counter() - started:.0f}s")
 
 
 if __name__ == "__main__":

@@ -1,89 +1,167 @@
-"""The demo's measurements and report: held-out accuracy (greedy, opd-generate) and the distillation
-divergence (the on-policy run's KL kind and temperature) on the student's own samples (the first, pre-update
-step of a one-step opd-train run) for every model, then a table, summary.json and a plot of accuracy and KL
-against the teacher-token budget."""
+"""The comparison's report, from the jobs' own files only: every number here is read from an evaluation's
+json, a run's metrics.jsonl or the jobs' wall times. Per task a table, a plot, and in summary.json the
+per-seed numbers and a verdict (verdict.py) for each arm pair and metric."""
 import json
 import os
-import re
-import shutil
-from concurrent.futures import ThreadPoolExecutor
+import statistics
 
-from megatron_opd.demo.cli_runner import cli, share_cores
-from megatron_opd.demo.settings import BATCH, KL, LANES, RESPONSE_TOKENS, SAMPLES, TEMPERATURE
+from megatron_opd.demo.settings import ARMS, BATCH, PAIRS, RECOVERY_REQUIRED, SAMPLES
+from megatron_opd.demo.verdict import paired_interval, verdict
 
-MODELS = (("teacher", "teacher"), ("student before", "student"), ("on-policy", "onpolicy"),
-          ("off-policy", "offpolicy"))
+WALK_METRICS = ("success", "shortest", "recovery")
 
 
-def _accuracy(demo, name: str) -> float:
-    printed = cli("megatron_opd.generate", f"model.path={demo.path(name, 'hf')}",
-                  f"data.val_files={demo.path('data', 'test.parquet')}", "data.max_prompt_length=64",
-                  f"output={demo.path('report', name + '_test.jsonl')}", f"rollout.response_length={RESPONSE_TOKENS}")
-    return float(re.search(r"accuracy ([\d.]+)", printed).group(1))
+def metrics_of(task: str) -> tuple:
+    return WALK_METRICS if task == "walk" else ("success",)
 
 
-def _kl(demo, name: str) -> float:
-    save_dir = demo.path("report", f"kl_{name}")
-    cli("megatron_opd.train", *demo.common(save_dir), f"student.path={demo.path(name, 'hf')}",
-        f"teacher.path={demo.path('teacher', 'hf')}", f"data.train_batch_size={BATCH}", f"rollout.n={SAMPLES}",
-        f"rollout.temperature={TEMPERATURE}", f"actor.kl_loss_type={KL}", f"actor.micro_batch_size={BATCH * SAMPLES}",
-        "trainer.total_steps=1", "trainer.export_hf=false", "trainer.resume=never", "data.seed=12345")
-    first = json.loads(open(os.path.join(save_dir, "metrics.jsonl")).readline())
-    return first["actor/kl_loss"]
+def load_eval(path: str) -> dict:
+    """An evaluation's numbers (its responses stay in its own file)."""
+    return {k: v for k, v in json.load(open(path)).items() if k != "responses"}
 
 
-def kl_label() -> str:
-    return f"{KL} KL at T={TEMPERATURE}, student's samples"
+def run_tokens(metrics_path: str) -> tuple[int, int]:
+    """(optimizer steps, response tokens trained on) of a run, from its metrics.jsonl."""
+    steps = [json.loads(line) for line in open(metrics_path) if '"response_length/mean"' in line]
+    return len(steps), round(sum(s["response_length/mean"] * BATCH * SAMPLES for s in steps))
 
 
-def _curve(path: str, key: str) -> list[tuple[int, float]]:
-    return [(r["step"], r[key]) for r in map(json.loads, open(path)) if key in r]
+def _arm(exp, task: str, arm: str, seconds: dict) -> dict:
+    seeds = {}
+    for seed in range(exp.preset.seeds):
+        lr = exp.chosen_lr(task, arm) if exp.grid_run(seed) else None
+        run_dir = exp.run_dir(task, seed, arm, lr)
+        steps, tokens = run_tokens(os.path.join(run_dir, "metrics.jsonl"))
+        seeds[seed] = {**load_eval(exp.eval_path(task, seed, exp.run_name(arm))), "steps": steps,
+                       "sequences": steps * BATCH * SAMPLES,
+                       "teacher_scored_tokens": 0 if arm == "SeqKD" else tokens,
+                       "teacher_sampled_tokens": 0 if arm == "on-policy" else tokens,
+                       "wall_s": seconds.get(f"{task}/seed{seed}/{exp.run_name(arm, lr)}"),
+                       "teacher_sampling_wall_s": (None if arm == "on-policy"
+                                                   else seconds.get(f"{task}/seed{seed}/samples"))}
+    means = {m: statistics.fmean(s[m] for s in seeds.values()) for m in metrics_of(task)}
+    return {"lr": exp.chosen_lr(task, arm), "seeds": seeds, "mean": means}
 
 
-def _plot(demo, summary: dict) -> str:
+def _verdicts(task: str, arms: dict) -> dict:
+    out = {}
+    for first, second in PAIRS:
+        out[f"{first} vs {second}"] = by_metric = {}
+        for metric in metrics_of(task):
+            a = [arms[first]["seeds"][s][metric] for s in sorted(arms[first]["seeds"])]
+            b = [arms[second]["seeds"][s][metric] for s in sorted(arms[second]["seeds"])]
+            if len(a) < 2:
+                by_metric[metric] = {"verdict": "undecided", "why": "one seed: no interval (run --full)",
+                                     "difference": a[0] - b[0]}
+                continue
+            mean, low, high = paired_interval(a, b)
+            by_metric[metric] = {"verdict": verdict(a, b), "difference": mean, "interval_95": [low, high],
+                                 "seeds_ahead": sum(x > y for x, y in zip(a, b))}
+    return out
+
+
+def task_summary(exp, task: str, seconds: dict) -> dict:
+    arms = {arm: _arm(exp, task, arm, seconds) for arm in ARMS}
+    summary = {"teacher": load_eval(exp.eval_path(task, None, "teacher")),
+               "students": {s: load_eval(exp.eval_path(task, s, "student")) for s in range(exp.preset.seeds)},
+               "arms": arms, "verdicts": _verdicts(task, arms)}
+    if task == "walk":
+        recovery = summary["teacher"]["recovery"]
+        summary["teacher_recovers"] = {"recovery": recovery, "required": RECOVERY_REQUIRED,
+                                       "holds": recovery >= RECOVERY_REQUIRED}
+    if len(exp.preset.lr_grid) > 1:
+        summary["lr_choice"] = json.load(open(exp.lr_choice_path(task)))
+    return summary
+
+
+def _mean(values, digits: int = 3) -> str:
+    values = list(values)
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.{digits}f}{spread}"
+
+
+def markdown(task: str, summary: dict) -> str:
+    """The task's table and verdicts as markdown (report/tables.md, the README's tables)."""
+    metrics = metrics_of(task)
+    lines = [f"| {task} | lr | " + " | ".join(metrics) + " | teacher-scored tokens | wall s |",
+             "|---" * (len(metrics) + 4) + "|",
+             "| teacher | | " + " | ".join(f"{summary['teacher'][m]:.3f}" for m in metrics) + " | | |",
+             "| student at start | | " + " | ".join(_mean(s[m] for s in summary["students"].values())
+                                                  for m in metrics) + " | | |"]
+    for arm, numbers in summary["arms"].items():
+        seeds = list(numbers["seeds"].values())
+        lines.append(f"| {arm} | {numbers['lr']:g} | " + " | ".join(_mean(s[m] for s in seeds) for m in metrics)
+                     + f" | {_mean((s['teacher_scored_tokens'] for s in seeds), 0)} | "
+                       f"{_mean((s['wall_s'] or 0 for s in seeds), 0)} |")
+    if task == "walk":  # what each model's own samples look like: the states on-policy training visits
+        lines += ["", "| walk: own samples at the rollout temperature | wrong move | wrong note |", "|---|---|---|"]
+        for name, evals in [("student at start", list(summary["students"].values()))] + [
+                (arm, list(numbers["seeds"].values())) for arm, numbers in summary["arms"].items()]:
+            lines.append(f"| {name} | " + " | ".join(_mean(e["own_samples"][kind] for e in evals)
+                                                     for kind in ("wrong_move", "wrong_note")) + " |")
+    lines += ["", "| " + task + ": first vs second | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for pair, by_metric in summary["verdicts"].items():
+        cells = []
+        for metric in metrics:
+            v = by_metric[metric]
+            interval = (f" [{v['interval_95'][0]:+.3f}, {v['interval_95'][1]:+.3f}]" if "interval_95" in v else "")
+            cells.append(f"{v['verdict']} ({v['difference']:+.3f}{interval})")
+        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(task: str, summary: dict, path: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (accuracy_axis, kl_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, name in (("on-policy", "onpolicy"), ("off-policy", "offpolicy")):
-        points = _curve(demo.path(name, "metrics.jsonl"), "val/accuracy")
-        last = max(step for step, _ in points) or 1
-        accuracy_axis.plot([s / last for s, _ in points], [a for _, a in points], marker="o", label=label)
-    accuracy_axis.axhline(summary["teacher"]["accuracy"], color="gray", linestyle="--", label="teacher")
-    accuracy_axis.set(xlabel="fraction of the teacher-token budget", ylabel="held-out accuracy", ylim=(0, 1))
-    accuracy_axis.legend()
-    steps = _curve(demo.path("onpolicy", "metrics.jsonl"), "actor/kl_loss")
-    kl_axis.plot([s for s, _ in steps], [k for _, k in steps], label="on-policy (training batches)")
-    for color, label in (("C0", "on-policy"), ("C1", "off-policy")):
-        kl_axis.axhline(summary[label]["kl"], color=color, linestyle="--", label=f"{label}, final")
-    kl_axis.set(xlabel="on-policy step", ylabel=kl_label(), yscale="log")
-    kl_axis.legend()
+    metrics = metrics_of(task)
+    figure, axes = plt.subplots(1, 2 if task == "walk" else 1, figsize=(11 if task == "walk" else 6, 4), squeeze=False)
+    bars = axes[0][0]
+    width = 0.8 / len(ARMS)
+    for k, arm in enumerate(ARMS):
+        seeds = summary["arms"][arm]["seeds"].values()
+        for m, metric in enumerate(metrics):
+            x = m + (k - (len(ARMS) - 1) / 2) * width
+            bars.bar(x, summary["arms"][arm]["mean"][metric], width, color=f"C{k}", label=arm if m == 0 else None)
+            bars.scatter([x] * len(seeds), [s[metric] for s in seeds], color="black", s=8, zorder=3)
+    bars.axhline(summary["teacher"]["success"], color="gray", linestyle="--", label="teacher (success)")
+    bars.axhline(statistics.fmean(s["success"] for s in summary["students"].values()), color="gray", linestyle=":",
+                 label="student at start (success)")
+    bars.set(xticks=range(len(metrics)), xticklabels=metrics, ylim=(0, 1), title=f"{task}: held-out, dots = seeds")
+    bars.legend(fontsize=8)
+    if task == "walk":
+        lines = axes[0][1]
+        for k, arm in enumerate(ARMS):
+            seeds = list(summary["arms"][arm]["seeds"].values())
+            distances = sorted(seeds[0]["success_by_distance"], key=int)
+            lines.plot([int(d) for d in distances], [statistics.fmean(s["success_by_distance"][d] for s in seeds)
+                                                     for d in distances], marker="o", color=f"C{k}", label=arm)
+        by_distance = summary["teacher"]["success_by_distance"]
+        lines.plot([int(d) for d in by_distance], list(by_distance.values()), color="gray", linestyle="--",
+                   label="teacher")
+        lines.set(xlabel="distance to the goal", ylabel="success", ylim=(0, 1.02), title="success against distance")
+        lines.legend(fontsize=8)
     figure.tight_layout()
-    path = demo.path("report", "demo.png")
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
     return path
 
 
-def measure_and_report(demo) -> dict:
-    shutil.rmtree(demo.path("report"), ignore_errors=True)
-    os.makedirs(demo.path("report"))
-
-    def measure(name: str) -> dict:
-        share_cores(LANES)
-        return {"accuracy": _accuracy(demo, name), "kl": 0.0 if name == "teacher" else _kl(demo, name)}
-
-    with ThreadPoolExecutor(LANES) as pool:
-        summary = dict(zip((label for label, _ in MODELS), pool.map(measure, (name for _, name in MODELS))))
-    gap = summary["teacher"]["accuracy"] - summary["student before"]["accuracy"]
-    gain = summary["on-policy"]["accuracy"] - summary["student before"]["accuracy"]
-    summary["gap_closed_by_on_policy"] = closed = gain / gap if gap > 0 else float("nan")
-    summary["plot"] = _plot(demo, summary)
-    with open(demo.path("report", "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"\n{'model':16} {'held-out accuracy':>18}   {kl_label()}")
-    for label, _ in MODELS:
-        print(f"{label:16} {summary[label]['accuracy']:18.3f}   {summary[label]['kl']:.4f}")
-    print(f"on-policy closed {closed:.0%} of the teacher-student accuracy gap; plot: {summary['plot']}")
+def write_report(exp, seconds: dict) -> dict:
+    os.makedirs(exp.path("report"), exist_ok=True)
+    summary = {"preset": {"seeds": exp.preset.seeds, "lr_grid": list(exp.preset.lr_grid), "steps": exp.preset.steps,
+                          "sequences_per_step": BATCH * SAMPLES}, "tasks": {}}
+    for task in exp.tasks:
+        summary["tasks"][task] = task_summary(exp, task, seconds)
+        summary["tasks"][task]["plot"] = plot(task, summary["tasks"][task], exp.path("report", f"{task}.png"))
+    with open(exp.path("report", "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    tables = "\n".join(markdown(task, summary["tasks"][task]) for task in exp.tasks)
+    with open(exp.path("report", "tables.md"), "w") as f:
+        f.write(tables)
+    print(f"\nheld-out scores (mean ± sd over {exp.preset.seeds} seed(s)), teacher-scored tokens and wall seconds per "
+          f"run; verdicts with the paired 95% interval\n\n{tables}\nsummary: {exp.path('report', 'summary.json')}, "
+          f"plots: {', '.join(summary['tasks'][task]['plot'] for task in exp.tasks)}")
     return summary

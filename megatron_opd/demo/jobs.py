@@ -1,0 +1,63 @@
+"""A small job graph for the demo: each job names the jobs it needs and the file it leaves when done; the
+ready ones run LANES at a time (threads that mostly wait on the CLIs' subprocesses, a share of the cores
+each). A job whose file exists is skipped (the demo resumes where it stopped) unless `force`; each finished
+job's wall time is kept in seconds.json beside the outputs, so the report can charge every arm its time."""
+import json
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Callable
+
+from megatron_opd.demo.cli_runner import share_cores
+
+
+@dataclass
+class Job:
+    name: str
+    run: Callable[[], None]
+    done_file: str
+    needs: tuple = field(default_factory=tuple)
+
+
+def run_jobs(jobs: list[Job], lanes: int, seconds_path: str, force: bool = False) -> dict:
+    """Runs every job once the jobs it needs are done; returns {job name: wall seconds} of all jobs so far."""
+    known = {job.name for job in jobs}
+    for job in jobs:
+        missing = [need for need in job.needs if need not in known]
+        if missing:
+            raise ValueError(f"job {job.name} needs {missing}, which no job makes")
+    seconds = json.load(open(seconds_path)) if os.path.exists(seconds_path) else {}
+    pending = []
+    for job in jobs:
+        if os.path.exists(job.done_file) and not force:
+            print(f"[{job.name}] done before, skipped", flush=True)
+        else:
+            pending.append(job)
+    names = {job.name for job in pending}
+
+    def run(job: Job, share: int) -> None:
+        share_cores(share)
+        print(f"[{job.name}]", flush=True)
+        started = time.perf_counter()
+        job.run()
+        seconds[job.name] = time.perf_counter() - started
+
+    running = {}
+    with ThreadPoolExecutor(lanes) as pool:
+        while pending or running:
+            ready = [j for j in pending if not any(n in names for n in j.needs)]
+            if not ready and not running:
+                raise RuntimeError(f"jobs wait on each other in a circle: {[j.name for j in pending]}")
+            for job in ready[:lanes - len(running)]:
+                pending.remove(job)
+                running[pool.submit(run, job, lanes if len(ready) > 1 or running else 1)] = job
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                future.result()
+                names.discard(job.name)
+                os.makedirs(os.path.dirname(seconds_path), exist_ok=True)
+                with open(seconds_path, "w") as f:
+                    json.dump(seconds, f, indent=1, sort_keys=True)
+    return seconds

@@ -1,0 +1,47 @@
+"""Each task's files, the same for every seed: train/validation/test prompts (the validation and test
+start/goal pairs or questions held out of training and of each other), the teacher's training rows, a
+tokenizer trained on the training text, and the teacher's initial weights."""
+import json
+import os
+
+# Resolved once, in the main thread: transformers' lazy imports race when the demo's job threads first meet them.
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+
+from megatron_opd.data import questions, synthetic_rows, write_rows
+from megatron_opd.data.walk import detour_walk_rows, walk_rows
+from megatron_opd.demo.settings import TEACHER, TEST_PROMPTS, TRAIN_PROMPTS, VAL_PROMPTS
+from megatron_opd.models.tiny import train_tokenizer, write_tiny_checkpoint
+
+DIFFICULTY, LARGEST = 2, 10  # the arithmetic task: two-step sums of operands up to 10
+
+
+def _rows(task: str, count: int, split: str, exclude=()):
+    if task == "walk":
+        return walk_rows(count, seed=0, split=split, exclude=exclude)
+    return synthetic_rows(count, DIFFICULTY, seed=0, split=split, exclude=exclude, largest=LARGEST)
+
+
+def write_task(task: str, out: str) -> None:
+    """out/{train,val,test}.parquet, out/teacher_train.jsonl (walk: detours marked for masking), out/init_teacher."""
+    os.makedirs(out, exist_ok=True)
+    test = list(_rows(task, TEST_PROMPTS, "test"))
+    val = list(_rows(task, VAL_PROMPTS, "val", exclude=questions(test)))
+    held_out = questions(test) | questions(val)
+    write_rows(os.path.join(out, "test.parquet"), test)
+    write_rows(os.path.join(out, "val.parquet"), val)
+    write_rows(os.path.join(out, "train.parquet"), _rows(task, TRAIN_PROMPTS, "train", exclude=held_out))
+    teacher_rows = (detour_walk_rows(TRAIN_PROMPTS, seed=0, exclude=held_out) if task == "walk"
+                    else _rows(task, TRAIN_PROMPTS, "teacher", exclude=held_out))
+    with open(os.path.join(out, "teacher_train.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in teacher_rows)
+    corpus = ["user\n" + row["prompt"][0]["content"] + " assistant\n" + row["extra_info"]["answer"]
+              for row in _rows(task, 2000, "train", exclude=held_out)]
+    tokenizer = train_tokenizer(corpus, 400)
+    tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
+    write_tiny_checkpoint(os.path.join(out, "init_teacher"), "qwen2", seed=0, tokenizer=tokenizer, **TEACHER)
+
+
+def test_rows(out: str, split: str = "test") -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(os.path.join(out, f"{split}.parquet")).to_pylist()
