@@ -112,6 +112,24 @@ def walk_outcome(start, goal, text: str) -> dict:
     return {"success": success, "shortest": success and reached == distance == len(moves)}
 
 
+def walk_slips(start, goal, text: str) -> dict:
+    """{"wrong_move": a move that does not bring the walker closer to the goal, "wrong_note": a word that is not
+    a move with the true remaining way after it} within the walk up to the goal (or its end)."""
+    position, slips = start, {"wrong_move": False, "wrong_note": False}
+    for word in text.split():
+        match = _WORD.fullmatch(word)
+        if not match:
+            slips["wrong_note"] = True
+            break
+        before = abs(goal[0] - position[0]) + abs(goal[1] - position[1])
+        position = _step(position, match.group(1))
+        slips["wrong_move"] |= abs(goal[0] - position[0]) + abs(goal[1] - position[1]) >= before
+        slips["wrong_note"] |= word != f"{match.group(1)}{goal[0] - position[0]}{goal[1] - position[1]}"
+        if position == goal:
+            break
+    return slips
+
+
 def parse_ground_truth(ground_truth: str) -> tuple[tuple[int, int], tuple[int, int]]:
     x0, y0, x1, y1 = map(int, ground_truth.split())
     return (x0, y0), (x1, y1)

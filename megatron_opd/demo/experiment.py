@@ -11,10 +11,9 @@ import os
 
 from megatron_opd.demo.cli_runner import cli
 from megatron_opd.demo.evaluate import evaluate
-from megatron_opd.demo.jobs import Job
 from megatron_opd.demo.settings import (
     ARMS, BATCH, KL, KL_TEMPERATURE, RECOVERY_REQUIRED, SAMPLES, SFT_SCHEDULE, STUDENT, TASKS, TEMPERATURE, Preset)
-from megatron_opd.demo.tasks import test_rows, write_task
+from megatron_opd.demo.tasks import split_rows
 
 SLUGS = {"on-policy": "onpolicy", "SeqKD": "seqkd", "supervised KD": "supkd"}
 
@@ -118,7 +117,7 @@ class Experiment:
             cli("megatron_opd.train", *run, *given, teacher, "actor.lmbda=0", *divergence)
 
     def evaluate(self, model_dir: str, task: str, split: str, out_file: str) -> None:
-        result = evaluate(model_dir, test_rows(self.path(task, "data"), split), TASKS[task].response_tokens)
+        result = evaluate(model_dir, split_rows(self.path(task, "data"), split), TASKS[task].response_tokens)
         os.makedirs(os.path.dirname(out_file), exist_ok=True)
         with open(out_file, "w") as f:
             json.dump(result, f, indent=1)

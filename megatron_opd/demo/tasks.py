@@ -41,7 +41,7 @@ def write_task(task: str, out: str) -> None:
     write_tiny_checkpoint(os.path.join(out, "init_teacher"), "qwen2", seed=0, tokenizer=tokenizer, **TEACHER)
 
 
-def test_rows(out: str, split: str = "test") -> list[dict]:
+def split_rows(out: str, split: str = "test") -> list[dict]:
     import pyarrow.parquet as pq
 
     return pq.read_table(os.path.join(out, f"{split}.parquet")).to_pylist()

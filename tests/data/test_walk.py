@@ -5,7 +5,7 @@ import random
 from megatron_opd.data.scorers import mean_score
 from megatron_opd.data.walk import (
     DISTANCES, GRID, SLACK, WALK_DATA_SOURCE, detour_walk_rows, oracle_moves, parse_ground_truth, perturbed_walk,
-    parse_moves, question, walk_outcome, walk_problem, walk_rows, walk_text)
+    parse_moves, question, walk_outcome, walk_problem, walk_rows, walk_slips, walk_text)
 
 
 def test_problems_lie_on_the_board_up_and_right_at_every_distance():
@@ -88,3 +88,11 @@ def test_each_move_is_followed_by_the_remaining_way():
     text, spans = walk_text((2, 3), (4, 4), ["R", "L", "R", "R", "R", "L", "U"])
     assert text == "R11 L21 R11 R01 R-11 L01 U00" and [text[a:b] for a, b in spans] == list("RLRRRLU")
     assert parse_moves(text) == list("RLRRRLU")
+
+
+def test_slips_are_wrong_moves_and_wrong_notes():
+    start, goal = (2, 3), (4, 4)
+    assert walk_slips(start, goal, "R11 R01 U00") == {"wrong_move": False, "wrong_note": False}
+    assert walk_slips(start, goal, "R11 L21 R11 R01 U00") == {"wrong_move": True, "wrong_note": False}
+    assert walk_slips(start, goal, "R11 R11 U00") == {"wrong_move": False, "wrong_note": True}
+    assert walk_slips(start, goal, "R11 R01 U00 D01") == {"wrong_move": False, "wrong_note": False}  # past the goal
