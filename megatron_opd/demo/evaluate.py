@@ -7,7 +7,6 @@ for every arm):
 Run: .venv/bin/python -m megatron_opd.demo.evaluate MODEL_DIR TEST.parquet
 """
 import sys
-import threading
 
 import pyarrow.parquet as pq
 import torch
@@ -15,12 +14,10 @@ import torch
 from megatron_opd.data.chat import render_prompts
 from megatron_opd.data.scorers import score_response
 from megatron_opd.data.walk import GRID, MOVES, WALK_DATA_SOURCE, parse_ground_truth, walk_outcome, walk_slips
+from megatron_opd.demo.jobs import TORCH_IN_PROCESS
 from megatron_opd.demo.settings import TEMPERATURE
 
 BATCH = 256
-# transformers' loading is not thread-safe: two models loaded at once by the demo's job threads came back with
-# their tied output layers newly initialised (lm_head "MISSING", success 0); generation is.
-_LOADING, _SAMPLING = threading.Lock(), threading.Lock()
 
 
 def decode(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float = 0.0) -> list[str]:
@@ -52,7 +49,7 @@ def evaluate(model_dir: str, rows: list[dict], max_new_tokens: int) -> dict:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    with _LOADING:
+    with TORCH_IN_PROCESS:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = render_prompts(tokenizer, [row["prompt"] for row in rows])
@@ -74,7 +71,7 @@ def evaluate(model_dir: str, rows: list[dict], max_new_tokens: int) -> dict:
     result["recovery"] = sum(walk_outcome(*problems[i], move + text)["success"]
                              for (i, move), text in zip(forced, continued)) / len(forced)
     # The states the model's own samples visit (what on-policy training sees): a slip of each kind, how often.
-    with _SAMPLING:  # one thread at a time draws from torch's global generator, from the same seed
+    with TORCH_IN_PROCESS:  # the same draws whatever the other job threads do
         torch.manual_seed(0)
         sampled = decode(model, tokenizer, prompts, max_new_tokens, TEMPERATURE)
     slips = [walk_slips(start, goal, text) for (start, goal), text in zip(problems, sampled)]

@@ -11,6 +11,7 @@ import os
 
 from megatron_opd.demo.cli_runner import cli
 from megatron_opd.demo.evaluate import evaluate
+from megatron_opd.demo.jobs import TORCH_IN_PROCESS
 from megatron_opd.demo.settings import (
     ARMS, BATCH, KL, KL_TEMPERATURE, RECOVERY_REQUIRED, SAMPLES, SFT_SCHEDULE, STUDENT, TASKS, TEMPERATURE, Preset)
 from megatron_opd.demo.tasks import split_rows
@@ -79,7 +80,8 @@ class Experiment:
 
         init = self.path(task, f"seed{seed}", "init_student")
         tokenizer = AutoTokenizer.from_pretrained(self.path(task, "data", "tokenizer"))
-        write_tiny_checkpoint(init, "qwen2", seed=seed + 1, tokenizer=tokenizer, **STUDENT)
+        with TORCH_IN_PROCESS:
+            write_tiny_checkpoint(init, "qwen2", seed=seed + 1, tokenizer=tokenizer, **STUDENT)
         cli("megatron_opd.train", "trainer.mode=sft", "data.response_key=extra_info.answer", *SFT_SCHEDULE,
             *self._common(task, self.path(task, f"seed{seed}", "student"), seed), f"student.path={init}",
             "data.train_batch_size=32", "actor.micro_batch_size=32", "actor.optim.lr=3e-3",

@@ -4,12 +4,18 @@ each). A job whose file exists is skipped (the demo resumes where it stopped) un
 job's wall time is kept in seconds.json beside the outputs, so the report can charge every arm its time."""
 import json
 import os
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
 from megatron_opd.demo.cli_runner import share_cores
+
+# Held by a job thread while it uses torch's global generator or transformers' loading in this process
+# (initial weights, loading a model, sampling): neither is thread-safe. Two jobs writing initial weights at
+# once made them depend on the interleaving; two loads at once left a tied output layer uninitialised.
+TORCH_IN_PROCESS = threading.Lock()
 
 
 @dataclass

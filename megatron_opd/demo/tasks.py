@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from megatron_opd.data import questions, synthetic_rows, write_rows
 from megatron_opd.data.walk import detour_walk_rows, walk_rows
+from megatron_opd.demo.jobs import TORCH_IN_PROCESS
 from megatron_opd.demo.settings import TEACHER, TEST_PROMPTS, TRAIN_PROMPTS, VAL_PROMPTS
 from megatron_opd.models.tiny import train_tokenizer, write_tiny_checkpoint
 
@@ -38,7 +39,8 @@ def write_task(task: str, out: str) -> None:
               for row in _rows(task, 2000, "train", exclude=held_out)]
     tokenizer = train_tokenizer(corpus, 400)
     tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
-    write_tiny_checkpoint(os.path.join(out, "init_teacher"), "qwen2", seed=0, tokenizer=tokenizer, **TEACHER)
+    with TORCH_IN_PROCESS:
+        write_tiny_checkpoint(os.path.join(out, "init_teacher"), "qwen2", seed=0, tokenizer=tokenizer, **TEACHER)
 
 
 def split_rows(out: str, split: str = "test") -> list[dict]:
