@@ -52,7 +52,7 @@ class Experiment:
 
     # the commands
 
-    def _common(self, task: str, save_dir: str, seed: int) -> list[str]:
+    def common(self, task: str, save_dir: str, seed: int) -> list[str]:
         return [f"data.train_files={self.path(task, 'data', 'train.parquet')}",
                 f"data.val_files={self.path(task, 'data', 'val.parquet')}", f"data.seed={seed}",
                 f"trainer.seed={seed}", f"trainer.save_dir={save_dir}", "trainer.logger=[jsonl]",
@@ -63,7 +63,7 @@ class Experiment:
         data = self.path(task, "data", "teacher_train.jsonl")
         skip = ["data.response_skip_key=extra_info.detours"] if task == "walk" else []
         cli("megatron_opd.train", "trainer.mode=sft", "data.response_key=extra_info.answer", *skip,
-            *SFT_SCHEDULE, *self._common(task, save_dir, seed), f"data.train_files={data}", f"student.path={init}",
+            *SFT_SCHEDULE, *self.common(task, save_dir, seed), f"data.train_files={data}", f"student.path={init}",
             "data.train_batch_size=32", "actor.micro_batch_size=32", "actor.optim.lr=3e-3",
             f"trainer.total_steps={steps}")
 
@@ -83,7 +83,7 @@ class Experiment:
         with TORCH_IN_PROCESS:
             write_tiny_checkpoint(init, "qwen2", seed=seed + 1, tokenizer=tokenizer, **STUDENT)
         cli("megatron_opd.train", "trainer.mode=sft", "data.response_key=extra_info.answer", *SFT_SCHEDULE,
-            *self._common(task, self.path(task, f"seed{seed}", "student"), seed), f"student.path={init}",
+            *self.common(task, self.path(task, f"seed{seed}", "student"), seed), f"student.path={init}",
             "data.train_batch_size=32", "actor.micro_batch_size=32", "actor.optim.lr=3e-3",
             f"trainer.total_steps={max(1, round(TASKS[task].student_steps * self.scale))}")
 
@@ -100,7 +100,7 @@ class Experiment:
         lr = self.chosen_lr(task, arm) if lr is None else lr
         student = self.path(task, f"seed{seed}", "student", "hf")
         teacher = f"teacher.path={self.path(task, 'teacher', 'hf')}"
-        run = [*self._common(task, run_dir, seed), f"student.path={student}",
+        run = [*self.common(task, run_dir, seed), f"student.path={student}",
                f"actor.optim.lr={lr}", "actor.optim.lr_decay=cosine", "actor.optim.min_lr=1e-4",
                "actor.optim.warmup_steps=10", f"trainer.total_steps={self.preset.steps}",
                f"actor.micro_batch_size={BATCH * SAMPLES}"]

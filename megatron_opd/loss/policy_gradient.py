@@ -40,9 +40,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def mismatch_weights(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor, cap: float,
-                     mode: str) -> tuple[torch.Tensor, dict]:
+                     mode: str, num_tokens=None) -> tuple[torch.Tensor, dict]:
     """Importance weights [b, s] of the sampled tokens, pi_trainer / pi_engine (no gradient): min(ratio, cap)
-    (mode truncate) or 0 outside [1/cap, cap] (mode mask); and their metrics over the response tokens."""
+    (mode truncate) or 0 outside [1/cap, cap] (mode mask); and their metrics over the response tokens, the
+    means as shares of `num_tokens` (default: this mask's; see loss/distillation.py) and the max."""
     log_ratio = (trainer_logprobs - engine_logprobs).detach()
     ratio = torch.exp(log_ratio)
     kept = mask.bool()
@@ -54,7 +55,7 @@ def mismatch_weights(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tens
         weights = torch.where(changed, 0.0, ratio)
     else:
         raise ValueError(f"actor.is_mode={mode!r}: expected truncate or mask")
-    count = kept.sum().clamp(min=1)
+    count = (kept.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=mask.device)).clamp(min=1)
     metrics = {"mismatch/ratio_mean": torch.where(kept, ratio, 0.0).sum() / count,
                "mismatch/ratio_max": torch.where(kept, ratio, 0.0).max(),
                "mismatch/changed_fraction": changed.sum() / count,

@@ -18,7 +18,7 @@ from megatron_opd.teacher.layout import teacher_place
 from megatron_opd.teacher.outputs import bytes_per_token, deliver, output_fields, per_token_values, whole_rows
 from megatron_opd.trainer.batch import split_micro_batches
 from megatron_opd.models.head import final_hidden_states, output_weight
-from megatron_opd.trainer.pipeline import teacher_pass
+from megatron_opd.trainer.pipeline import forward_pass
 
 
 class MegatronTeacher:
@@ -66,7 +66,7 @@ class MegatronTeacher:
             return per_token_values(output, batch.labels, self.kind, self.topk, self.temperature, self.vocab_size,
                                     self.place.tp_group)
 
-        return teacher_pass(self.chunks, micro_batches, keep, self.place.config.context, self.place.pg_collection,
+        return forward_pass(self.chunks, micro_batches, keep, self.place.config.context, self.place.pg_collection,
                             final_hidden_states if full else None)
 
     def outputs(self, samples, batch, student_micro_batches: list) -> list:

@@ -5,7 +5,7 @@ padding sits at the end, where causal attention keeps it from touching any real 
 
 Micro-batches are a fixed number of sequences, or (`actor.max_tokens_per_micro_batch`) sequences grouped
 by length under a token budget, each micro-batch padded only to its own longest sequence."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,6 +21,8 @@ class TokenBatch:
     index: torch.Tensor  # [B] each sequence's row in the step's batch
     lengths: torch.Tensor  # [B] each sequence's length, padding excluded
     on_policy: torch.Tensor  # [B] True where the response is the student's own sample
+    engine_logprobs: torch.Tensor  # [B, S] the engine's log-prob of labels[t] where it sampled it, else 0
+    reward_advantages: torch.Tensor  # [B] a sample's task reward minus its prompt's mean (0 without reward.fn)
 
     @property
     def size(self) -> int:
@@ -29,8 +31,11 @@ class TokenBatch:
     def select(self, rows, length: int = None) -> "TokenBatch":
         """Rows `rows` (a slice or index tensor), cut to the first `length` positions (default: all)."""
         cut = slice(None, length)
-        return TokenBatch(self.tokens[rows, cut], self.labels[rows, cut], self.loss_mask[rows, cut],
-                          self.position_ids[rows, cut], self.index[rows], self.lengths[rows], self.on_policy[rows])
+        return TokenBatch(*(self._per_token(lambda t: t[rows, cut])), self.index[rows], self.lengths[rows],
+                          self.on_policy[rows], self.engine_logprobs[rows, cut], self.reward_advantages[rows])
+
+    def _per_token(self, cut) -> tuple:
+        return tuple(cut(t) for t in (self.tokens, self.labels, self.loss_mask, self.position_ids))
 
     def rows(self, start: int, stop: int) -> "TokenBatch":
         return self.select(slice(start, stop))
@@ -64,9 +69,9 @@ class TokenBatch:
 
     def context_shard(self, cp_rank: int, cp_size: int) -> "TokenBatch":
         """The two sequence chunks CP rank `cp_rank` holds (megatron's load-balanced layout)."""
-        tokens, labels, loss_mask, positions = (split_sequence(t, cp_rank, cp_size) for t in
-                                                (self.tokens, self.labels, self.loss_mask, self.position_ids))
-        return TokenBatch(tokens, labels, loss_mask, positions, self.index, self.lengths, self.on_policy)
+        tokens, labels, loss_mask, positions = self._per_token(lambda t: split_sequence(t, cp_rank, cp_size))
+        return replace(self, tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=positions,
+                       engine_logprobs=split_sequence(self.engine_logprobs, cp_rank, cp_size))
 
 
 def split_micro_batches(batch: TokenBatch, micro_batch_size: int, max_tokens, multiple: int) -> list[TokenBatch]:
@@ -83,23 +88,36 @@ def response_loss_mask(offsets: list[tuple[int, int]], skip: list[tuple[int, int
             for start, end in offsets]
 
 
+def _at_response(prompt: list, response: list, values, length: int, default: float) -> list[float]:
+    """Per-response-token `values` (or `default` each) at the positions that predict them: position t predicts
+    token t+1, so the response's tokens are predicted from len(prompt) - 1 on; 0 elsewhere."""
+    values = list(values) if values is not None else [default] * len(response)
+    return [0.0] * (len(prompt) - 1) + values + [0.0] * (length - len(prompt) - len(response) + 1)
+
+
 def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device,
-                multiple: int = 1, on_policy: list[bool] = None, response_masks: list = None) -> TokenBatch:
+                multiple: int = 1, on_policy: list[bool] = None, response_masks: list = None,
+                engine_logprobs: list = None, reward_advantages: list = None) -> TokenBatch:
     """`on_policy`: which responses the student sampled (default: all); `response_masks`: per response a 0/1
-    list over its tokens (data.response_skip_key), or None to train on every token."""
+    list over its tokens (data.response_skip_key), or None to train on every token; `engine_logprobs`: per
+    response the engine's log-prob of each token, or None (a given response); `reward_advantages`: per
+    response a number (default 0)."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     length = padded_length(max(lengths), multiple)
-    tokens, loss_mask = [], []
-    for prompt, response, mask in zip(prompts, responses, response_masks or [None] * len(prompts)):
+    tokens, loss_mask, sampled = [], [], []
+    nothing = [None] * len(prompts)
+    for prompt, response, mask, logprobs in zip(prompts, responses, response_masks or nothing,
+                                                engine_logprobs or nothing):
         sequence = list(prompt) + list(response)
         tokens.append(sequence + [pad_id] * (length - len(sequence)))
-        # Position t predicts token t+1: the response tokens are predicted from len(prompt)-1 on.
-        loss_mask.append([0.0] * (len(prompt) - 1) + (list(mask) if mask is not None else [1.0] * len(response))
-                         + [0.0] * (length - len(sequence) + 1))
+        loss_mask.append(_at_response(prompt, response, mask, length, 1.0))
+        sampled.append(_at_response(prompt, response, logprobs, length, 0.0))
     tokens = torch.tensor(tokens, dtype=torch.long, device=device)
     padding = torch.full((len(prompts), 1), pad_id, dtype=torch.long, device=device)
     labels = torch.cat([tokens[:, 1:], padding], dim=1)
     positions = torch.arange(length, device=device).expand(len(prompts), length)
     return TokenBatch(tokens, labels, torch.tensor(loss_mask, device=device), positions,
                       torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device),
-                      torch.tensor([True] * len(prompts) if on_policy is None else on_policy, device=device))
+                      torch.tensor([True] * len(prompts) if on_policy is None else on_policy, device=device),
+                      torch.tensor(sampled, dtype=torch.float32, device=device),
+                      torch.tensor(reward_advantages or [0.0] * len(prompts), dtype=torch.float32, device=device))

@@ -10,6 +10,8 @@ from megatron_opd.parallel import DEVICE_KINDS, ParallelConfig
 from megatron_opd.rollout.sglang_server import SGLangConfig
 
 LR_DECAY = ("constant", "linear", "cosine")
+POLICY_LOSSES = ("direct", "pg")
+IS_MODES = ("truncate", "mask")
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 MODEL_DTYPES = ("float32", "bfloat16")
 
@@ -127,6 +129,16 @@ class ActorConfig:
     # their given response (data.response_key: teacher samples from opd-generate, or the dataset's). 1:
     # on-policy distillation; 0: supervised KD, the same divergence on given responses.
     lmbda: float = 1.0
+    # direct: the divergence's own gradient | pg: a policy gradient whose per-token advantage is the reverse KL
+    # of the sampled token, -kl_loss_coef (log pi - log pi_T), plus reward.coef (r - its group's mean) with
+    # reward.fn set; PPO-clipped at clip_ratio (README, "Policy-gradient OPD").
+    policy_loss: str = "direct"
+    kl_discount: float = 0.0  # pg: each advantage adds the later tokens' KL at this discount (0: its own only)
+    clip_ratio: float = 0.2  # pg: pi / pi_old is clipped to [1 - clip_ratio, 1 + clip_ratio]
+    # pg: the trainer/engine ratio of each sampled token as an importance weight, truncated at is_cap
+    # (is_mode=truncate) or 0 outside [1 / is_cap, is_cap] (mask). null: measured (mismatch/*), not applied.
+    is_cap: Optional[float] = None
+    is_mode: str = "truncate"
     grad_clip: float = 1.0
     recompute: str = "none"
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -148,6 +160,29 @@ class ActorConfig:
                self.ppo_mini_batch_size, "must be null or >= 1")
         _check(0 <= self.lmbda <= 1, "actor.lmbda", self.lmbda, "must be in [0, 1] (1: on-policy)")
         _check(self.grad_clip >= 0, "actor.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        _one_of("actor.policy_loss", self.policy_loss, POLICY_LOSSES)
+        _one_of("actor.is_mode", self.is_mode, IS_MODES)
+        _check(0 <= self.kl_discount <= 1, "actor.kl_discount", self.kl_discount, "must be in [0, 1]")
+        _check(self.clip_ratio > 0, "actor.clip_ratio", self.clip_ratio, "must be > 0")
+        _check(self.is_cap is None or self.is_cap > 1, "actor.is_cap", self.is_cap,
+               "must be null (measure the mismatch only) or > 1")
+        _check(self.policy_loss == "direct" or self.kl_loss_type not in TOPK_KINDS, "actor.kl_loss_type",
+               self.kl_loss_type, "actor.policy_loss=pg needs the teacher's log-prob of each sampled token, which "
+               "a top-k teacher need not hold: use a sampled-token kind (kl|abs|mse|low_var_kl) or a full one "
+               "(forward|reverse|jsd)")
+
+
+REWARD_FNS = ("none", "gsm8k", "data_source")
+
+
+@dataclass
+class RewardConfig:
+    fn: str = "none"  # none | gsm8k (the answer after "####") | data_source (each row's scorer, data/scorers.py)
+    coef: float = 1.0  # actor.policy_loss=pg: the advantage gains coef x (reward - the mean of its prompt's samples)
+
+    def __post_init__(self):
+        _one_of("reward.fn", self.fn, REWARD_FNS)
+        _check(self.coef >= 0, "reward.coef", self.coef, "must be >= 0")
 
 
 @dataclass
@@ -185,6 +220,7 @@ class OPDConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -215,6 +251,27 @@ class OPDConfig:
                f"dataset's, e.g. extra_info.answer)")
         _check(self.trainer.test_freq == 0 or self.data.val_files is not None, "trainer.test_freq",
                self.trainer.test_freq, "needs data.val_files")
+        self._check_policy_gradient()
+
+    def _check_policy_gradient(self):
+        actor, pg = self.actor, self.actor.policy_loss == "pg"
+        _check(self.reward.fn == "none" or pg, "reward.fn", self.reward.fn, "needs actor.policy_loss=pg: a task "
+               "reward enters only the policy-gradient loss's advantages")
+        _check(self.reward.fn == "none" or self.rollout.n >= 2, "rollout.n", self.rollout.n, f"must be >= 2 with "
+               f"reward.fn={self.reward.fn}: a reward's baseline is the mean over the samples of its prompt")
+        if not pg:
+            return
+        _check(self.trainer.mode == "distill", "actor.policy_loss", "pg", "trains on the student's own samples: "
+               "use trainer.mode=distill")
+        _check(actor.lmbda == 1, "actor.lmbda", actor.lmbda, "must be 1 with actor.policy_loss=pg: a policy "
+               "gradient needs the student's own samples (given responses have no sampling log-probs)")
+        temperature = divergence_temperature(self)
+        _check(temperature == self.rollout.temperature, "actor.kl_temperature", actor.kl_temperature,
+               f"must be null or rollout.temperature={self.rollout.temperature} with actor.policy_loss=pg: the "
+               f"advantages and ratios are those of the distribution the samples were drawn from")
+        _check(actor.kl_discount == 0 or self.parallel.context == 1, "actor.kl_discount", actor.kl_discount,
+               f"must be 0 with parallel.context={self.parallel.context}: a discounted sum runs over the whole "
+               f"response, which context parallelism splits across ranks")
 
 
 def divergence_temperature(cfg: OPDConfig) -> float:

@@ -2,62 +2,53 @@
 
 One step: a prompt batch -> student rollouts from the engine (global rank 0, broadcast) -> each DP rank's
 share of the sequences, cut into CP chunks -> the co-located teacher's forward-only pass (same layout,
-outputs kept sharded on the last stage) -> the student's forward-backward with the distillation loss,
-`ppo_epochs` passes over `ppo_mini_batch_size` mini-batches, one optimizer step each -> the new weights
-pushed to the engine.
+outputs kept sharded on the last stage) -> the student's forward-backward with the distillation loss (the
+divergence itself, or its policy-gradient form with pi_old from a forward-only pass when a step has more
+than one update), `ppo_epochs` passes over `ppo_mini_batch_size` mini-batches, one optimizer step each ->
+the new weights pushed to the engine.
 
 A step's checkpoint (every `save_freq` steps, at an `exit_interval` step, on a preemption request, at the
 end) is written before its metrics line, and holds that line, so the line survives whenever the
 checkpoint does. An optimizer step whose gradients are not finite is refused, logged and counted.
 """
-import itertools
 import os
-import random
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from megatron_opd.models.head import output_weight
-from megatron_opd.rollout.engine import RolloutError
+from megatron_opd.loss import fused_linear_log_probs
+from megatron_opd.models.head import final_hidden_states, output_weight
 from megatron_opd.trainer import checkpoint
-from megatron_opd.trainer.batch import build_batch, split_micro_batches
+from megatron_opd.trainer.batch import split_micro_batches
 from megatron_opd.trainer.config import OPDConfig, divergence_temperature
-from megatron_opd.trainer.objective import PARTS, sft_loss, student_loss
+from megatron_opd.trainer.objective import PARTS, policy_gradient_loss, sft_loss, student_loss
 from megatron_opd.trainer.optim import optimizer_step
-from megatron_opd.trainer.pipeline import student_pass
+from megatron_opd.trainer.pipeline import forward_pass, student_pass
 from megatron_opd.trainer.preemption import Preemption
+from megatron_opd.trainer.rollouts import broadcast, step_samples
 from megatron_opd.trainer.setup import Run
 
 TIMINGS = ("gen", "teacher", "update_actor", "sync", "step")
-
-
-def _broadcast(obj, src: int = 0):
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+MAX_METRICS = ("mismatch/ratio_max",)  # the largest over micro-batches, ranks and updates; the others add up
 
 
 def _sum_shares(values: dict, dims) -> dict:
     """Sum per-rank metric shares over the DP x CP ranks of the last stage (TP ranks hold copies; one counts)
-    to every rank."""
-    names = sorted(_broadcast(sorted(values) if dims.rank == dims.world_size - 1 else None, src=dims.world_size - 1))
+    to every rank; the MAX_METRICS take the largest instead."""
+    names = sorted(broadcast(sorted(values) if dims.rank == dims.world_size - 1 else None, src=dims.world_size - 1))
     vector = dims.tensor([float(values.get(n, 0.0)) if dims.counts_metrics else 0.0 for n in names], torch.float64)
+    peaks = vector.clone()
     dist.all_reduce(vector)
-    return dict(zip(names, vector.tolist()))
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # ranks that count nothing hold 0: a max is >= 0 here
+    return {name: (peak if name in MAX_METRICS else total) for name, total, peak in zip(names, vector.tolist(),
+                                                                                       peaks.tolist())}
 
 
-def on_policy_prompts(count: int, lmbda: float, seed: int, step: int) -> set[int]:
-    """The prompts of a step (indices) that the student answers: round(lmbda x count), drawn anew each step."""
-    if lmbda == 1:
-        return set(range(count))
-    return set(random.Random(seed * 1_000_003 + step).sample(range(count), round(lmbda * count)))
-
-
-def _length_metrics(samples, key) -> dict:
-    lengths = [len(sample[key]) for sample in samples]
-    return {"response_length/mean": sum(lengths) / len(lengths), "response_length/max": max(lengths)}
+def _combine(name: str, values: list) -> float:
+    """A metric over a step's updates (micro-batches, or mini-batches and epochs)."""
+    return max(values) if name in MAX_METRICS else sum(values)
 
 
 def _part_means(summed: dict) -> dict:
@@ -74,38 +65,7 @@ class Trainer:
         self.cfg = cfg
         self.run = Run(cfg)
 
-    def rollouts(self, step: int, items: list[dict]):
-        """Prompt+response token lists for this step, the same on every rank; which of them the student
-        sampled (`actor.lmbda` of the prompts; the others keep their given response, `rollout.n` times); the
-        given responses' loss masks (None: every token)."""
-        cfg, run = self.cfg, self.run
-        prompts = [item["input_ids"] for item in items]
-        if cfg.trainer.mode == "sft":
-            return ([(p, item["response_ids"]) for p, item in zip(prompts, items)], [False] * len(items),
-                    [item.get("response_loss_mask") for item in items], _length_metrics(items, "response_ids"))
-        own, n = on_policy_prompts(len(items), cfg.actor.lmbda, cfg.trainer.seed, step), cfg.rollout.n
-        samples = None
-        if run.dims.rank == 0:
-            answered = [prompts[i] for i in sorted(own)]
-            generated = iter(run.engine.generate(answered, run.sampling(step)) if answered else ())
-            samples = []
-            for i, item in enumerate(items):
-                samples += ([(s.prompt_ids, s.response_ids) for s in itertools.islice(generated, n)] if i in own
-                            else [(prompts[i], item["response_ids"])] * n)
-            beyond = [t for _, response in samples for t in response if t >= run.vocab_size]
-            if beyond:  # broadcast the error so that every rank stops with it
-                samples = RolloutError(f"the engine sampled token id {beyond[0]}, past the {run.vocab_size} ids "
-                                       f"the tokenizers share (a vocabulary padding row, no token)")
-        samples = _broadcast(samples)
-        if isinstance(samples, RolloutError):
-            raise samples
-        metrics = _length_metrics(samples, 1)
-        if cfg.actor.lmbda < 1:
-            metrics["rollout/on_policy_fraction"] = len(own) / len(items)
-        masks = [None if i in own else item.get("response_loss_mask") for i, item in enumerate(items) for _ in range(n)]
-        return samples, [i in own for i in range(len(items)) for _ in range(n)], masks, metrics
-
-    def _optimizer_step(self, mini: list, teacher: list) -> dict:
+    def _optimizer_step(self, mini: list, teacher: list, old_logprobs: list) -> dict:
         """One optimizer step on a mini-batch (this rank's micro-batches); its global metrics."""
         from megatron_opd.loss import response_counts
 
@@ -117,6 +77,10 @@ class Trainer:
             if cfg.trainer.mode == "sft":
                 return sft_loss(hidden, weight, mb.labels, mb.loss_mask, run.vocab_size, dims.tp_group, counts, index,
                                 cfg.actor.loss_agg_mode)
+            if cfg.actor.policy_loss == "pg":
+                return policy_gradient_loss(hidden, weight, mb, teacher[index], run.teacher.head_weight, cfg.actor,
+                                            cfg.reward.coef, divergence_temperature(cfg), run.vocab_size, dims.tp_group,
+                                            counts, index, old_logprobs[index])
             return student_loss(hidden, weight, mb.labels, mb.loss_mask, teacher[index], run.teacher.head_weight,
                                 cfg.actor, divergence_temperature(cfg), run.vocab_size, dims.tp_group, counts, index,
                                 mb.on_policy if cfg.actor.lmbda < 1 else None)
@@ -131,9 +95,25 @@ class Trainer:
         shares = {}
         for result in results:
             for name, value in result.items():
-                shares[name] = shares.get(name, 0.0) + float(value)
+                shares[name] = _combine(name, [shares[name], float(value)]) if name in shares else float(value)
         return {**_part_means(_sum_shares(shares, dims)), "actor/grad_norm": outcome.grad_norm,
                 "actor/skipped_updates": 0.0 if outcome.applied else 1.0}
+
+    def _old_log_probs(self, micro: list) -> list:
+        """pg: the student's log-probs of the sampled tokens before the step's first update, per micro-batch on
+        the last stage, from a forward-only pass; None where the step has one update, whose current log-probs
+        are the same numbers."""
+        cfg, run, dims = self.cfg, self.run, self.run.dims
+        if cfg.actor.policy_loss != "pg" or cfg.actor.ppo_epochs * run.mini_batches_per_step == 1:
+            return [None] * len(micro)
+        weight = output_weight(run.student[-1]) if dims.is_last_stage else None
+
+        def keep(hidden, mb):
+            return fused_linear_log_probs(hidden, weight, mb.labels, divergence_temperature(cfg), group=dims.tp_group,
+                                          vocab_size=run.vocab_size)
+
+        kept = forward_pass(run.ddp, micro, keep, dims.cp_size, output_processor=final_hidden_states)
+        return kept or [None] * len(micro)
 
     def update(self, samples, batch) -> tuple[dict, float]:
         """Teacher pass, then every mini-batch of every epoch; averaged metrics and the teacher's seconds."""
@@ -149,10 +129,11 @@ class Trainer:
         started = time.perf_counter()
         teacher = run.teacher.outputs(samples, batch, micro) if run.teacher is not None else [None] * len(micro)
         teacher_s = time.perf_counter() - started
-        updates = [self._optimizer_step(micro[part], teacher[part])
+        old = self._old_log_probs(micro)
+        updates = [self._optimizer_step(micro[part], teacher[part], old[part])
                    for _ in range(cfg.actor.ppo_epochs) for part in minis]
         names = sorted({name for u in updates for name in u})  # a part can be missing from a mini-batch
-        metrics = {name: sum(values) / len(values) for name in names
+        metrics = {name: _combine(name, values) / (1 if name in MAX_METRICS else len(values)) for name in names
                    for values in [[u[name] for u in updates if name in u]]}
         metrics["actor/skipped_updates"] = sum(u["actor/skipped_updates"] for u in updates)
         metrics["actor/lr"] = run.optimizer.param_groups[0]["lr"]
@@ -165,7 +146,7 @@ class Trainer:
         accuracy = None
         if run.dims.rank == 0:
             accuracy = run.validate()
-        return {"val/accuracy": _broadcast(accuracy)}
+        return {"val/accuracy": broadcast(accuracy)}
 
     def _report_skipped(self, step: int, metrics: dict) -> None:
         skipped = metrics["actor/skipped_updates"]
@@ -184,14 +165,14 @@ class Trainer:
         """Steps `step` -> `step + 1`; its metrics."""
         cfg, run = self.cfg, self.run
         started = time.perf_counter()
-        samples, on_policy, masks, metrics = self.rollouts(step, run.next_items())
+        samples = step_samples(run, cfg, step, run.next_items())
+        metrics = samples.metrics
         gen_s = time.perf_counter() - started
-        batch = build_batch([p for p, _ in samples], [r for _, r in samples], run.pad_id, run.dims.device,
-                            cfg.parallel.sequence_multiple, on_policy, masks)
+        batch = samples.batch(run.pad_id, run.dims.device, cfg.parallel.sequence_multiple)
         if run.engine is not None:  # a colocated SGLang server frees its GPU memory for the update
             run.engine.sleep()
         update_started = time.perf_counter()
-        update_metrics, teacher_s = self.update(samples, batch)
+        update_metrics, teacher_s = self.update(samples.pairs, batch)
         update_s = time.perf_counter() - update_started - teacher_s
         sync_started = time.perf_counter()
         run.sync_engine(step + 1)

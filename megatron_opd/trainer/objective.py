@@ -2,13 +2,19 @@
 and its output-layer weight shard [V/TP, H] (tied to the embedding or not), and what the teacher kept
 (megatron_opd/teacher/outputs.py): the sampled token's log-probs, top-k ids and log-probs, or its final
 hidden states with its output layer cut to the student's vocabulary shard (`head_weight`). No [T, V/TP]
-logits tensor exists on either side (megatron_opd/loss/fused.py)."""
+logits tensor exists on either side (megatron_opd/loss/fused.py).
+
+Two forms (actor.policy_loss): `direct`, the divergence's own gradient; `pg`, a PPO-clipped policy gradient
+whose advantages are the sampled tokens' reverse KL (and a task reward), megatron_opd/loss/policy_gradient.py."""
+import math
+
 import torch
 
 from megatron_opd.loss import (
     aggregate, distillation_loss, fused_linear_divergence, fused_linear_entropy, fused_linear_log_probs,
     sampled_token_kl)
 from megatron_opd.loss.kinds import FULL_KINDS, SAMPLED_KINDS
+from megatron_opd.loss.policy_gradient import clipped_surrogate, kl_advantages, mismatch_weights
 from megatron_opd.loss.topk import topk_bucket_divergence
 from megatron_opd.trainer.config import ActorConfig
 
@@ -43,6 +49,53 @@ def student_loss(hidden, weight, labels, loss_mask, teacher, head_weight, actor:
             mask = loss_mask * rows[:, None]
             metrics[f"actor/kl_sum_{part}"] = (kl.detach() * mask).sum()
             metrics[f"actor/tokens_{part}"] = mask.sum()
+    return loss, metrics
+
+
+def teacher_token_log_probs(teacher: dict, head_weight, labels, kind: str, temperature: float, vocab_size: int,
+                            group) -> torch.Tensor:
+    """The teacher's log-prob of each sampled token [mb, s]: kept as such (sampled kinds), or formed from its
+    hidden states and output layer (full kinds)."""
+    if kind in SAMPLED_KINDS:
+        return teacher["logprobs"]
+    with torch.no_grad():
+        return fused_linear_log_probs(teacher["hidden"], head_weight, labels, temperature, group=group,
+                                      vocab_size=vocab_size)
+
+
+def policy_gradient_loss(hidden, weight, mb, teacher, head_weight, actor: ActorConfig, reward_coef: float,
+                         temperature: float, vocab_size: int, group, counts, index: int,
+                         old_logprobs=None) -> tuple[torch.Tensor, dict]:
+    """Micro-batch `index`'s share of the PPO-clipped policy-gradient loss on `mb`'s sampled tokens.
+    `old_logprobs`: the student's before this step's first update (None: the current ones, the same values
+    in a step's only update). The advantages are taken at pi_old, fixed for the step, as in PPO."""
+    mask = mb.loss_mask
+    logprobs = fused_linear_log_probs(hidden, weight, mb.labels, temperature, group=group, vocab_size=vocab_size)
+    old = logprobs.detach() if old_logprobs is None else old_logprobs
+    teacher_logprobs = teacher_token_log_probs(teacher, head_weight, mb.labels, actor.kl_loss_type, temperature,
+                                               vocab_size, group)
+    advantages = kl_advantages(old, teacher_logprobs, mask, actor.kl_loss_coef, actor.kl_discount)
+    advantages = advantages + reward_coef * mb.reward_advantages[:, None] * mask
+    per_token, clipped = clipped_surrogate(logprobs, old, advantages, actor.clip_ratio)
+    weights, metrics = mismatch_weights(old, mb.engine_logprobs, mask, actor.is_cap or math.inf, actor.is_mode,
+                                        counts.num_tokens)
+    if actor.is_cap is not None:
+        per_token = per_token * weights
+    counted = dict(global_num_tokens=counts.num_tokens, global_num_seqs=counts.num_seqs,
+                   seq_num_tokens=counts.seq_num_tokens[index])
+    loss = aggregate(per_token, mask, actor.loss_agg_mode, **counted)
+    with torch.no_grad():  # the divergence the direct form would train on, reported whatever the form
+        kl = per_token_kl(hidden.detach(), weight, mb.labels, teacher, head_weight, actor, temperature, vocab_size,
+                          group)
+    token_mean = lambda values: aggregate(values, mask, "token-mean", counts.num_tokens)  # noqa: E731
+    metrics.update({"actor/pg_loss": loss.detach(), "actor/pg_clipfrac": token_mean(clipped.to(mask.dtype)),
+                    "actor/advantage_mean": token_mean(advantages),
+                    "actor/kl_loss": aggregate(kl, mask, actor.loss_agg_mode, **counted)})
+    if actor.entropy_coeff:
+        entropy = aggregate(fused_linear_entropy(hidden, weight, temperature, group=group, vocab_size=vocab_size),
+                            mask, actor.loss_agg_mode, **counted)
+        metrics["actor/entropy_loss"] = entropy.detach()
+        loss = loss - actor.entropy_coeff * entropy
     return loss, metrics
 
 

@@ -1,6 +1,7 @@
-"""The teacher's forward-only pass and the student's forward-backward, both through megatron's pipeline
-schedule over a list of micro-batches. Outputs live on the last pipeline stage: the student's final hidden
-states (its loss applies the output layer, fused), the teacher's hidden states or logits. The schedule runs
+"""Forward-only passes (the teacher's; the student's log-probs before a step's updates) and the student's
+forward-backward, all through megatron's pipeline schedule over a list of micro-batches. Outputs live on the
+last pipeline stage: the student's final hidden states (its loss applies the output layer, fused), the
+teacher's hidden states or logits. The schedule runs
 on megatron's global groups, or on a model's own (`pg_collection`: a teacher in a layout of its own)."""
 from typing import Callable, Optional
 
@@ -37,7 +38,7 @@ def _run(chunks, micro_batches: list[TokenBatch], loss_of: Callable, forward_onl
 
 
 @torch.no_grad()
-def teacher_pass(chunks, micro_batches: list[TokenBatch], keep: Callable, cp_size: int, pg_collection=None,
+def forward_pass(chunks, micro_batches: list[TokenBatch], keep: Callable, cp_size: int, pg_collection=None,
                  output_processor: Optional[Callable] = None) -> list:
     """keep(output, batch) -> what the loss needs, per micro-batch, on the last stage ([] elsewhere)."""
     kept = {}

@@ -111,3 +111,26 @@ def test_discounted_sums_and_group_baselines():
     assert discounted_sums(values, mask, 0.5).tolist() == [[0.0, 1 + 0.5 * (2 + 0.5 * 3), 2 + 0.5 * 3, 3.0, 0.0]]
     assert discounted_sums(values, mask, 0.0).tolist() == [[0.0, 1.0, 2.0, 3.0, 0.0]]
     assert group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 2).tolist() == [0.5, -0.5, 0.0, 0.0]
+
+
+def test_expected_group_reward_gradient_is_the_reward_gradient():
+    """Reward only, groups of 2 samples: the probability-weighted sum over every pair of responses of the pg
+    loss's gradient (both samples' tokens summed) is -grad E[r]: the group mean holds the sample itself, which
+    scales each sample's share by (n - 1) / n, and n samples add up."""
+    reward = {y: float((y[0] + 2 * y[1]) % 3 == 0) for y in RESPONSES}
+    first, second = (t.clone().requires_grad_() for t in tables(0))
+    total = 0.0
+    for pair in itertools.product(RESPONSES, repeat=2):
+        lps = [logprobs(first, second, y) for y in pair]
+        weight = torch.exp(sum(lp.sum() for lp in lps)).detach()
+        advantages = group_advantages(torch.tensor([reward[y] for y in pair], dtype=torch.float64), 2)
+        for lp, advantage in zip(lps, advantages):
+            per_token, _ = clipped_surrogate(lp, lp, advantage * torch.ones(1, 2, dtype=torch.float64), 0.2)
+            total = total + weight * per_token.sum()
+    total.backward()
+    got = torch.cat([first.grad, second.grad.flatten()])
+    first, second = (t.clone().requires_grad_() for t in tables(0))
+    expected_reward = sum(torch.exp(logprobs(first, second, y).sum()) * r for y, r in reward.items())
+    expected_reward.backward()
+    want = -torch.cat([first.grad, second.grad.flatten()])
+    assert torch.allclose(got, want, atol=1e-12, rtol=1e-9) and want.abs().max() > 1e-2

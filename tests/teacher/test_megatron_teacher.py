@@ -28,8 +28,8 @@ def _one_update(rank, world_size, cfg):
     """The loss and the gradient of one update: this rank's shard of the DP-reduced gradient, as the
     distributed optimizer sees it (the optimizer step replaced by a capture)."""
     from megatron_opd.trainer import loop
-    from megatron_opd.trainer.batch import build_batch
     from megatron_opd.trainer.optim import StepOutcome
+    from megatron_opd.trainer.rollouts import step_samples
 
     trainer = loop.Trainer(cfg)
     grads = {}
@@ -41,9 +41,8 @@ def _one_update(rank, world_size, cfg):
 
     loop.optimizer_step = capture  # this forked worker's module only
     run = trainer.run
-    samples, _, _, _ = trainer.rollouts(0, run.next_items())
-    batch = build_batch([p for p, _ in samples], [r for _, r in samples], run.pad_id, run.dims.device)
-    metrics, _ = trainer.update(samples, batch)
+    samples = step_samples(run, cfg, 0, run.next_items())
+    metrics, _ = trainer.update(samples.pairs, samples.batch(run.pad_id, run.dims.device, 1))
     run.close()
     return metrics["actor/kl_loss"], grads
 

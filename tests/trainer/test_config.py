@@ -46,10 +46,19 @@ def test_valid_overrides_build_a_config(distill_setup, tmp_path):
     ("trainer.mode=sft", r"data.response_key=None: is required with trainer.mode=sft"),
     ("actor.lmbda=0.5", r"data.response_key=None: is required with actor.lmbda=0.5 < 1"),
     ("actor.lmbda=1.5", r"actor.lmbda=1.5: must be in \[0, 1\]"),
+    ("reward.fn=gsm8k", r"reward.fn='gsm8k': needs actor.policy_loss=pg"),
+    ("actor.policy_loss=pg reward.fn=gsm8k rollout.n=1", r"rollout.n=1: must be >= 2 with reward.fn=gsm8k"),
+    ("actor.policy_loss=pg actor.kl_loss_type=topk_reverse actor.topk=4",
+     r"actor.kl_loss_type='topk_reverse': actor.policy_loss=pg needs the teacher's log-prob of each sampled token"),
+    ("actor.policy_loss=pg actor.kl_temperature=1.0", r"actor.kl_temperature=1.0: must be null or rollout.temperature"),
+    ("actor.policy_loss=pg parallel.context=2 actor.kl_discount=1", r"actor.kl_discount=1.0: must be 0 with parallel"),
+    ("actor.policy_loss=pg actor.lmbda=0.5 data.response_key=extra_info.answer",
+     r"actor.lmbda=0.5: must be 1 with actor.policy_loss=pg"),
+    ("actor.is_cap=1.0", r"actor.is_cap=1.0: must be null \(measure the mismatch only\) or > 1"),
 ])
 def test_bad_values_name_the_key(distill_setup, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
-        to_config(composed(*distill_overrides(distill_setup, tmp_path), override))
+        to_config(composed(*distill_overrides(distill_setup, tmp_path), *override.split()))
 
 
 def test_impossible_layout_and_mismatched_vocab_fail_before_models(distill_setup, tiny_tokenizer, tmp_path):

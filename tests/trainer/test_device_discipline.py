@@ -1,8 +1,9 @@
 """No project code path relies on the default device: every tensor factory called from the project's own
 code (megatron_opd/, checkpoint_tools/) names its device. Checked on real runs — distillation steps with
-validation, a checkpoint and a resume, at TP=1, CP=2 and PP=2 — under a TorchFunctionMode that records each
-factory call by its caller's file and line. On a GPU node a factory without a device puts its tensor on
-the CPU beside CUDA tensors; on this CPU machine only such a check can see it."""
+validation, a checkpoint and a resume, at TP=1, CP=2 and PP=2 (in the policy-gradient form) — under a
+TorchFunctionMode that records each factory call by its caller's file and line. On a GPU node a factory
+without a device puts its tensor on the CPU beside CUDA tensors; on this CPU machine only such a check can
+see it."""
 import collections
 import os
 import sys
@@ -79,9 +80,15 @@ def test_every_factory_in_a_distillation_run_names_its_device(distill_setup, tmp
         assert any(where.startswith(site) for where in placed), (site, sorted(placed))
 
 
-@pytest.mark.parametrize("layout, site", [("parallel.context=2", "megatron_opd/parallel/context_parallel.py"),
-                                          ("parallel.pipeline=2", "megatron_opd/trainer/weight_push.py")],
-                         ids=["cp2", "pp2"])
-def test_every_factory_in_a_two_process_run_names_its_device(distill_setup, tmp_path, layout, site):
-    placed = check(run_distributed(_train_watched, 2, _runs(distill_setup, tmp_path, layout), timeout_s=600))
-    assert any(where.startswith(site) for where in placed), sorted(placed)
+# PP=2 runs the policy-gradient form with a reward and two updates a step: pi_old's own pass crosses stages.
+PG_AT_PP2 = ("parallel.pipeline=2", "actor.policy_loss=pg", "reward.fn=gsm8k", "actor.ppo_epochs=2")
+
+
+@pytest.mark.parametrize("layout, sites", [
+    (("parallel.context=2",), ("megatron_opd/parallel/context_parallel.py",)),
+    (PG_AT_PP2, ("megatron_opd/trainer/weight_push.py", "megatron_opd/trainer/rollouts.py",
+                 "megatron_opd/loss/policy_gradient.py"))], ids=["cp2", "pp2_pg"])
+def test_every_factory_in_a_two_process_run_names_its_device(distill_setup, tmp_path, layout, sites):
+    placed = check(run_distributed(_train_watched, 2, _runs(distill_setup, tmp_path, *layout), timeout_s=600))
+    for site in sites:
+        assert any(where.startswith(site) for where in placed), (site, sorted(placed))

@@ -69,15 +69,6 @@ def test_other_divergences_fall(distill_setup, tmp_path, kind):
     assert mean_falls(kl_curve(history), 2), kl_curve(history)
 
 
-def test_on_policy_prompts_are_lmbda_of_the_batch_drawn_per_step():
-    from megatron_opd.trainer.loop import on_policy_prompts
-
-    assert on_policy_prompts(8, 1.0, 0, 3) == set(range(8)) and on_policy_prompts(8, 0.0, 0, 3) == set()
-    draws = [on_policy_prompts(8, 0.5, 0, step) for step in range(6)]
-    assert {len(d) for d in draws} == {4} and len({frozenset(d) for d in draws}) > 1
-    assert draws == [on_policy_prompts(8, 0.5, 0, step) for step in range(6)]  # a resumed run draws the same
-
-
 def test_off_policy_and_mixed_batches(distill_setup, tiny_tokenizer, tmp_path):
     """lmbda=0: the divergence on the dataset's answers (supervised KD), every row off-policy; lmbda=0.5: half
     the prompts answered by the student, the KL of each part reported and the whole between them."""

@@ -3,6 +3,8 @@ both distributions enter every divergence at one temperature tau (actor.kl_tempe
 rollout temperature) — the full kinds as KL/JSD between softmax(s / tau) and softmax(t / tau), the sampled
 kinds on log-probs of those, the top-k kinds on the teacher's top-k of softmax(t / tau) — and teacher = student
 gives 0 at any tau."""
+import math
+
 import pytest
 import torch
 
@@ -74,3 +76,79 @@ def test_the_teachers_head_must_be_cut_to_the_students_shard():
     with pytest.raises(ValueError, match="cannot stand for logits"):
         per_token_kl(*student, labels, {"hidden": teacher[0]}, teacher[1][:20], ActorConfig(kl_loss_type="reverse"),
                      1.0, VOCAB, None)
+
+
+# The policy-gradient form (actor.policy_loss=pg) on one micro-batch, against autograd on its definition.
+MASK = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.float64)
+REWARD_ADVANTAGES = torch.tensor([0.5, -0.5], dtype=torch.float64)
+
+
+def pg_loss(student, teacher, labels, engine_shift, reward_coef=0.7, **actor):
+    """(loss, metrics, d loss / d student tensors) of policy_gradient_loss; the engine's log-probs are the
+    trainer's plus `engine_shift` ([2, 1])."""
+    from types import SimpleNamespace
+
+    from megatron_opd.loss import response_counts
+    from megatron_opd.trainer.objective import policy_gradient_loss
+
+    hidden, weight = (t.clone().requires_grad_() for t in student)
+    own = reference.log_softmax(hidden @ weight.T, VOCAB, TAU).gather(-1, labels[..., None])[..., 0].detach()
+    mb = SimpleNamespace(labels=labels, loss_mask=MASK, reward_advantages=REWARD_ADVANTAGES,
+                         engine_logprobs=own + engine_shift)
+    actor = ActorConfig(kl_loss_type="reverse", policy_loss="pg", kl_loss_coef=1.3, **actor)
+    loss, metrics = policy_gradient_loss(hidden, weight, mb, {"hidden": teacher[0]}, teacher[1], actor, reward_coef,
+                                         TAU, VOCAB, None, response_counts(MASK), 0)
+    return loss, metrics, torch.autograd.grad(loss, (hidden, weight))
+
+
+def pg_reference(student, teacher, labels, discount, row_weights, reward_coef=0.7):
+    """-sum_t w_t A_t exp(lp_t - sg(lp_t)) / tokens, A_t the reverse KL of the sampled tokens (summed over later
+    ones at `discount`) times -1.3, plus reward_coef x the row's reward advantage."""
+    hidden, weight = (t.clone().requires_grad_() for t in student)
+    pick = lambda h, w: reference.log_softmax(h @ w.T, VOCAB, TAU).gather(-1, labels[..., None])[..., 0]  # noqa: E731
+    lp, lt = pick(hidden, weight), pick(*teacher)
+    kl = (-1.3 * (lp.detach() - lt) * MASK).tolist()
+    advantages = torch.zeros_like(lp)
+    for row in range(2):
+        for t in range(4, -1, -1):
+            later = advantages[row, t + 1] if t < 4 else 0.0
+            advantages[row, t] = (kl[row][t] + discount * later) * MASK[row, t]
+    advantages = advantages + reward_coef * REWARD_ADVANTAGES[:, None] * MASK
+    loss = -(row_weights[:, None] * advantages * torch.exp(lp - lp.detach()) * MASK).sum() / MASK.sum()
+    return loss, torch.autograd.grad(loss, (hidden, weight)), advantages
+
+
+@pytest.mark.parametrize("discount", [0.0, 1.0])
+def test_pg_loss_is_the_advantage_weighted_log_prob_gradient(discount):
+    student, teacher, labels = setup()
+    loss, metrics, grads = pg_loss(student, teacher, labels, torch.zeros(2, 1), kl_discount=discount, is_cap=2.0)
+    want, want_grads, advantages = pg_reference(student, teacher, labels, discount, torch.ones(2))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-10)
+    assert all(torch.allclose(g, w, rtol=1e-9, atol=1e-12) for g, w in zip(grads, want_grads))
+    assert metrics["actor/advantage_mean"].item() == pytest.approx((advantages * MASK).sum().item() / 6, rel=1e-10)
+    # one update, engine = trainer: every weight 1 (to float64 rounding: the engine's are autograd's), nothing clipped
+    assert metrics["mismatch/ratio_mean"].item() == pytest.approx(1, abs=1e-12)
+    assert metrics["mismatch/ratio_max"].item() == pytest.approx(1, abs=1e-12)
+    assert metrics["mismatch/changed_fraction"] == 0 and metrics["actor/pg_clipfrac"] == 0
+
+
+def test_pg_loss_measures_and_corrects_a_forced_engine_shift():
+    student, teacher, labels = setup()
+    shift = torch.tensor([[0.5], [0.0]])  # the engine gives row 0's tokens e^0.5 times the trainer's probability
+    _, metrics, grads = pg_loss(student, teacher, labels, shift, is_cap=2.0)
+    assert metrics["mismatch/ratio_mean"].item() == pytest.approx((3 * math.exp(-0.5) + 3) / 6, rel=1e-6)
+    assert metrics["mismatch/kl_engine_trainer"].item() == pytest.approx(0.5 * 3 / 6, rel=1e-6)
+    _, want_grads, _ = pg_reference(student, teacher, labels, 0.0, torch.tensor([math.exp(-0.5), 1.0]))
+    assert all(torch.allclose(g, w, rtol=1e-6, atol=1e-9) for g, w in zip(grads, want_grads))
+    _, measured, uncorrected = pg_loss(student, teacher, labels, shift)  # is_cap null: measured, not applied
+    assert measured["mismatch/ratio_mean"] == metrics["mismatch/ratio_mean"]
+    _, plain, _ = pg_reference(student, teacher, labels, 0.0, torch.ones(2))
+    assert all(torch.allclose(g, w, rtol=1e-9, atol=1e-12) for g, w in zip(uncorrected, plain))
+    _, masked, _ = pg_loss(student, teacher, labels, torch.tensor([[2.0], [0.0]]), is_cap=2.0, is_mode="mask")
+    assert masked["mismatch/changed_fraction"].item() == pytest.approx(0.5)  # row 0's ratio e^-2 < 1/2: dropped
+
+
+def test_pg_teacher_equal_to_student_without_reward_gives_zero_advantage_and_gradient():
+    student, _, labels = setup()
+    _, metrics, grads = pg_loss(student, student, labels, torch.zeros(2, 1), reward_coef=0.0, kl_discount=1.0)
+    assert metrics["actor/advantage_mean"] == 0 and all(g.abs().max() == 0 for g in grads)

@@ -1,0 +1,112 @@
+"""A step's sequences: the student's own samples from the engine (global rank 0, broadcast), or the given
+responses of the prompts it does not answer (actor.lmbda < 1, SFT mode); with the engine's log-prob of each
+sampled token and, when `reward.fn` is set, each sample's task reward."""
+import itertools
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.data.gsm8k_score import score as gsm8k_score
+from megatron_opd.data.scorers import score_response
+from megatron_opd.loss.policy_gradient import group_advantages
+from megatron_opd.rollout.engine import RolloutError
+from megatron_opd.trainer.batch import TokenBatch, build_batch
+
+# reward.fn: none | the GSM8K scorer ("#### N") | each row's data_source's scorer (data/scorers.py)
+REWARD_FNS = {"gsm8k": lambda source, response, truth: gsm8k_score(response, truth), "data_source": score_response}
+
+
+@dataclass
+class StepSamples:
+    pairs: list  # (prompt ids, response ids) per sequence, rollout.n consecutive sequences per prompt
+    on_policy: list  # per sequence: the student sampled it
+    loss_masks: list  # per sequence: a 0/1 list over its response tokens, or None (every token)
+    engine_logprobs: list  # per sequence: the engine's log-prob of each response token, or None (given)
+    reward_advantages: Optional[list]  # per sequence, with reward.fn set: its reward minus its prompt's mean
+    metrics: dict
+
+    def batch(self, pad_id: int, device, multiple: int) -> TokenBatch:
+        return build_batch([p for p, _ in self.pairs], [r for _, r in self.pairs], pad_id, device, multiple,
+                           self.on_policy, self.loss_masks, self.engine_logprobs, self.reward_advantages)
+
+
+def broadcast(obj, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def on_policy_prompts(count: int, lmbda: float, seed: int, step: int) -> set[int]:
+    """The prompts of a step (indices) that the student answers: round(lmbda x count), drawn anew each step."""
+    if lmbda == 1:
+        return set(range(count))
+    return set(random.Random(seed * 1_000_003 + step).sample(range(count), round(lmbda * count)))
+
+
+def length_metrics(responses) -> dict:
+    lengths = [len(response) for response in responses]
+    return {"response_length/mean": sum(lengths) / len(lengths), "response_length/max": max(lengths)}
+
+
+def rewards_of(fn: str, items: list[dict], responses: list[str], n: int) -> list[float]:
+    """Each response's reward; responses are `n` consecutive per item."""
+    score = REWARD_FNS[fn]
+    return [score(item["data_source"], text, item["ground_truth"])
+            for item, texts in zip(items, itertools.batched(responses, n)) for text in texts]
+
+
+def given_responses(items: list[dict]) -> StepSamples:
+    """SFT: the given response of each prompt."""
+    return StepSamples([(item["input_ids"], item["response_ids"]) for item in items], [False] * len(items),
+                       [item.get("response_loss_mask") for item in items], [None] * len(items), None,
+                       length_metrics(item["response_ids"] for item in items))
+
+
+def _generate(run, cfg, step: int, items: list[dict], own: set[int]):
+    """Rank 0: (pairs, engine log-probs, rewards) or the RolloutError every rank raises."""
+    n = cfg.rollout.n
+    answered = [items[i]["input_ids"] for i in sorted(own)]
+    generated = iter(run.engine.generate(answered, run.sampling(step)) if answered else ())
+    pairs, logprobs = [], []
+    for i, item in enumerate(items):
+        if i in own:
+            samples = list(itertools.islice(generated, n))
+            pairs += [(s.prompt_ids, s.response_ids) for s in samples]
+            logprobs += [s.logprobs for s in samples]
+        else:
+            pairs += [(item["input_ids"], item["response_ids"])] * n
+            logprobs += [None] * n
+    beyond = [t for _, response in pairs for t in response if t >= run.vocab_size]
+    if beyond:
+        return RolloutError(f"the engine sampled token id {beyond[0]}, past the {run.vocab_size} ids the tokenizers "
+                            f"share (a vocabulary padding row, no token)")
+    rewards = None
+    if cfg.reward.fn != "none":
+        texts = run.tokenizer.batch_decode([r for _, r in pairs], skip_special_tokens=True)
+        rewards = rewards_of(cfg.reward.fn, items, texts, n)
+    return pairs, logprobs, rewards
+
+
+def step_samples(run, cfg, step: int, items: list[dict]) -> StepSamples:
+    """Collective: the step's sequences, the same on every rank."""
+    if cfg.trainer.mode == "sft":
+        return given_responses(items)
+    own = on_policy_prompts(len(items), cfg.actor.lmbda, cfg.trainer.seed, step)
+    generated = broadcast(_generate(run, cfg, step, items, own) if run.dims.rank == 0 else None)
+    if isinstance(generated, RolloutError):
+        raise generated
+    pairs, logprobs, rewards = generated
+    n = cfg.rollout.n
+    metrics = length_metrics(r for _, r in pairs)
+    if cfg.actor.lmbda < 1:
+        metrics["rollout/on_policy_fraction"] = len(own) / len(items)
+    advantages = None
+    if rewards is not None:
+        metrics["reward/mean"] = sum(rewards) / len(rewards)
+        advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64, device=run.dims.device), n).tolist()
+    masks = [None if i in own else item.get("response_loss_mask") for i, item in enumerate(items) for _ in range(n)]
+    return StepSamples(pairs, [i in own for i in range(len(items)) for _ in range(n)], masks, logprobs, advantages,
+                       metrics)
