@@ -9,11 +9,11 @@ LR_GRID by validation success (the mean of the last 3 validations):
 - reward (GRPO): the reward alone (kl_loss_coef 0). The teacher is still scored; its seconds are left out of
                  this arm's wall time.
 Validation success (greedy, 200 held-out prompts) every 25 steps; test success (400) at the end of each
-chosen run; a table and a plot of success against steps and against wall time (mean over seeds). A job whose output exists is
-skipped: remove <out>/arithmetic/pg to run the arms again.
+chosen run; a table and a plot of success against steps and against wall time (mean over seeds). A job
+whose output exists is skipped: remove <out>/arithmetic/pg to run the arms again.
 
 Run: .venv/bin/python -m megatron_opd.demo.pg_comparison [--seeds 3] [--steps 200] [--out runs/demo]
-(about 20 minutes on 2 cores once the main job's teacher and students exist)
+(17 minutes on 2 cores once the main job's teacher and students exist)
 """
 import argparse
 import dataclasses
@@ -85,8 +85,7 @@ def train_arm(exp: Experiment, seed: int, arm: str, steps: int, lr: float = None
 
 def jobs(exp: Experiment, seeds: int, steps: int) -> list[Job]:
     """The main job's data, teacher, cold-start students and their test success (done already when they
-    exist), seed 0's grid,
-    the lr choice, then the other seeds; a test evaluation of each chosen run."""
+    exist), seed 0's grid, the lr choice, then the other seeds; a test evaluation of each chosen run."""
     shared = {f"{TASK}/data", f"{TASK}/teacher"} | {f"{TASK}/seed{s}/{job}" for s in range(seeds)
                                                      for job in ("student", "eval/student")}
     out = [job for job in task_jobs(exp, TASK) if job.name in shared]

@@ -1,6 +1,6 @@
 """A step's sequences: the student's own samples from the engine (global rank 0, broadcast), or the given
 responses of the prompts it does not answer (actor.lmbda < 1, SFT mode); with the engine's log-prob of each
-sampled token and, when `reward.fn` is set, each sample's task reward."""
+sampled token (actor.policy_loss=pg) and, when `reward.fn` is set, each sample's task reward."""
 import itertools
 import random
 from dataclasses import dataclass
@@ -24,7 +24,7 @@ class StepSamples:
     pairs: list  # (prompt ids, response ids) per sequence, rollout.n consecutive sequences per prompt
     on_policy: list  # per sequence: the student sampled it
     loss_masks: list  # per sequence: a 0/1 list over its response tokens, or None (every token)
-    engine_logprobs: list  # per sequence: the engine's log-prob of each response token, or None (given)
+    engine_logprobs: list  # per sequence: the engine's log-prob of each response token (pg), or None
     reward_advantages: Optional[list]  # per sequence, with reward.fn set: its reward minus its prompt's mean
     metrics: dict
 
@@ -75,7 +75,8 @@ def _generate(run, cfg, step: int, items: list[dict], own: set[int]):
         if i in own:
             samples = list(itertools.islice(generated, n))
             pairs += [(s.prompt_ids, s.response_ids) for s in samples]
-            logprobs += [s.logprobs for s in samples]
+            # only the policy-gradient form reads them: the direct form does not broadcast them
+            logprobs += [s.logprobs if cfg.actor.policy_loss == "pg" else None for s in samples]
         else:
             pairs += [(item["input_ids"], item["response_ids"])] * n
             logprobs += [None] * n
