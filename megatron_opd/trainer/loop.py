@@ -116,7 +116,8 @@ class Trainer:
         return kept or [None] * len(micro)
 
     def update(self, samples, batch) -> tuple[dict, float]:
-        """Teacher pass, then every mini-batch of every epoch; averaged metrics and the teacher's seconds."""
+        """Teacher pass (and pi_old's, pg), then every mini-batch of every epoch; averaged metrics and the
+        teacher's seconds."""
         cfg, run, dims = self.cfg, self.run, self.run.dims
         rows = batch.size // dims.dp_size // run.mini_batches_per_step
         first = dims.dp_rank * rows * run.mini_batches_per_step
