@@ -41,7 +41,8 @@ def _sum_shares(values: dict, dims) -> dict:
     vector = dims.tensor([float(values.get(n, 0.0)) if dims.counts_metrics else 0.0 for n in names], torch.float64)
     peaks = vector.clone()
     dist.all_reduce(vector)
-    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # ranks that count nothing hold 0: a max is >= 0 here
+    if any(name in MAX_METRICS for name in names):  # ranks that count nothing hold 0: a max is >= 0 here
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     return {name: (peak if name in MAX_METRICS else total) for name, total, peak in zip(names, vector.tolist(),
                                                                                        peaks.tolist())}
 

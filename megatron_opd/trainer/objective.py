@@ -22,11 +22,15 @@ PARTS = ("on_policy", "off_policy")  # the student's own samples; given response
 
 
 def per_token_kl(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher: dict, head_weight,
-                 actor: ActorConfig, temperature: float, vocab_size: int, group) -> torch.Tensor:
+                 actor: ActorConfig, temperature: float, vocab_size: int, group,
+                 sampled_logprobs=None) -> torch.Tensor:
+    """`sampled_logprobs`: the student's log-probs of `labels`, when the caller already has them."""
     kind = actor.kl_loss_type
     if kind in FULL_KINDS:
         return fused_linear_divergence(hidden, weight, teacher["hidden"], head_weight, kind=kind, beta=actor.jsd_beta,
                                        temperature=temperature, group=group, vocab_size=vocab_size)
+    if kind in SAMPLED_KINDS and sampled_logprobs is not None:
+        return sampled_token_kl(sampled_logprobs, teacher["logprobs"], kind)
     ids = labels if kind in SAMPLED_KINDS else teacher["topk_ids"]
     student_logprobs = fused_linear_log_probs(hidden, weight, ids, temperature, group=group, vocab_size=vocab_size)
     if kind in SAMPLED_KINDS:
@@ -86,7 +90,7 @@ def policy_gradient_loss(hidden, weight, mb, teacher, head_weight, actor: ActorC
     loss = aggregate(per_token, mask, actor.loss_agg_mode, **counted)
     with torch.no_grad():  # the divergence the direct form would train on, reported whatever the form
         kl = per_token_kl(hidden.detach(), weight, mb.labels, teacher, head_weight, actor, temperature, vocab_size,
-                          group)
+                          group, logprobs.detach())
     token_mean = lambda values: aggregate(values, mask, "token-mean", counts.num_tokens)  # noqa: E731
     metrics.update({"actor/pg_loss": loss.detach(), "actor/pg_clipfrac": token_mean(clipped.to(mask.dtype)),
                     "actor/advantage_mean": token_mean(advantages),

@@ -72,3 +72,16 @@ def test_response_masks_drop_the_tokens_overlapping_a_skipped_span():
     assert response_loss_mask([(0, 2), (2, 3), (3, 5), (5, 6)], [(2, 3), (4, 5)]) == [1.0, 0.0, 0.0, 1.0]
     batch = build_batch([[5, 6]], [[7, 8, 9]], pad_id=3, device=CPU, response_masks=[[1.0, 0.0, 1.0]])
     assert batch.loss_mask.tolist() == [[0.0, 1.0, 0.0, 1.0, 0.0]]
+
+
+def test_engine_log_probs_and_reward_advantages_follow_their_rows():
+    batch = build_batch([[5, 6], [5]], [[7, 8], [9, 10, 11]], pad_id=3, device=CPU, multiple=4,
+                        engine_logprobs=[[-0.1, -0.2], [-0.3, -0.4, -0.5]], reward_advantages=[0.5, -0.5])
+    # position t holds the log-prob of labels[t], the response tokens predicted from len(prompt) - 1 on
+    assert torch.allclose(batch.engine_logprobs, torch.tensor([[0, -0.1, -0.2, 0], [-0.3, -0.4, -0.5, 0]]))
+    swapped = batch.select(torch.tensor([1, 0]), 3)
+    assert torch.allclose(swapped.engine_logprobs, torch.tensor([[-0.3, -0.4, -0.5], [0, -0.1, -0.2]]))
+    assert swapped.reward_advantages.tolist() == [-0.5, 0.5]
+    shard = batch.context_shard(1, 2)  # CP rank 1 of 2 holds chunks 1 and 2 of 4
+    assert torch.allclose(shard.engine_logprobs, torch.tensor([[-0.1, -0.2], [-0.4, -0.5]]))
+    assert shard.reward_advantages.tolist() == [0.5, -0.5]
