@@ -25,7 +25,9 @@ setup(
         "opd-convert=checkpoint_tools.cli:main",
         "opd-train=megatron_opd.train:main",
         "opd-generate=megatron_opd.generate:main",
-    ]},
+    ],
+        # data_source -> its scorer (megatron_opd/data/scorers.py)
+        "megatron_opd.scorers": ["synthetic_walk=megatron_opd.demo.walk:score"]},
     extras_require={
         # SGLang's CUDA kernel package does not install on CPU; scripts/setup.sh installs the CPU subset.
         "sglang": ["sglang==0.5.23"],

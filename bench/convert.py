@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from megatron_opd.models.tiny import tiny_hf_config
+from megatron_opd.demo.tiny import tiny_hf_config
 
 def child(what: str, src: str, dst: str) -> None:
     from megatron_opd.parallel.quiet import quiet_known_messages

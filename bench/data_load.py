@@ -37,7 +37,7 @@ def child(case: str, path: str, items: int, max_prompt_length: int) -> None:
     import pyarrow
 
     from megatron_opd.data import PromptDataset, PromptSampler
-    from megatron_opd.models.tiny import train_tokenizer
+    from megatron_opd.demo.tiny import train_tokenizer
 
     tokenizer = train_tokenizer()
     with open("/proc/self/clear_refs", "w") as f:
@@ -58,7 +58,7 @@ def child(case: str, path: str, items: int, max_prompt_length: int) -> None:
 
 
 def write_inputs(folder: str, rows: int, difficulty: int) -> dict:
-    from megatron_opd.data import synthetic_rows, write_synthetic_parquet
+    from megatron_opd.demo.arithmetic import synthetic_rows, write_synthetic_parquet
 
     paths = {".parquet": os.path.join(folder, "prompts.parquet"), ".jsonl": os.path.join(folder, "prompts.jsonl")}
     start = time.perf_counter()
@@ -74,7 +74,7 @@ def write_inputs(folder: str, rows: int, difficulty: int) -> dict:
 
 def median_prompt_length(path: str, sample: int = 256) -> int:
     from megatron_opd.data import PromptDataset
-    from megatron_opd.models.tiny import train_tokenizer
+    from megatron_opd.demo.tiny import train_tokenizer
 
     dataset = PromptDataset(path, train_tokenizer(), max_prompt_length=1 << 30)
     return int(statistics.median(len(dataset[i]["input_ids"]) for i in range(min(sample, len(dataset)))))

@@ -35,12 +35,12 @@ import megatron.core  # noqa: E402
 import transformers  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from megatron_opd.data.synthetic import write_synthetic_parquet  # noqa: E402
-from megatron_opd.models.tiny import TINY_SIZES, tiny_hf_config, train_tokenizer  # noqa: E402
+from megatron_opd.demo.arithmetic import write_synthetic_parquet  # noqa: E402
+from megatron_opd.demo.tiny import TINY_SIZES, tiny_hf_config, train_tokenizer  # noqa: E402
 from megatron_opd.parallel.device import cuda_problem  # noqa: E402
 from megatron_opd.train import CONFIG_DIR, run  # noqa: E402
 from megatron_opd.trainer import loop  # noqa: E402
-from megatron_opd.trainer.config import to_config  # noqa: E402
+from megatron_opd.config import to_config  # noqa: E402
 
 QWEN25 = dict(vocab_size=151936, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0,
               max_position_embeddings=32768)

@@ -17,8 +17,8 @@ import random
 import torch
 
 from megatron_opd.data.chat import encode_prompt
-from megatron_opd.models.tiny import train_tokenizer
-from megatron_opd.trainer.batch import build_batch
+from megatron_opd.demo.tiny import train_tokenizer
+from megatron_opd.models.batch import build_batch
 
 GSM8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "gsm8k")
 INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'

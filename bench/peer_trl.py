@@ -108,9 +108,10 @@ def trl_python() -> tuple[str, dict]:
 def build_assets(root: str) -> dict:
     """Tokenizer, student, teacher (HF checkpoints), our prompt parquet and TRL's jsonl of the same prompts;
     the same files for the same constants, reused once written."""
-    from megatron_opd.data import synthetic_rows, write_rows
+    from megatron_opd.data import write_rows
+    from megatron_opd.demo.arithmetic import synthetic_rows
     from megatron_opd.data.chat import encode_prompt
-    from megatron_opd.models.tiny import train_tokenizer, write_tiny_checkpoint
+    from megatron_opd.demo.tiny import train_tokenizer, write_tiny_checkpoint
     from transformers import AutoTokenizer
 
     paths = {name: os.path.join(root, name) for name in ("student", "teacher", "train.parquet", "trl.jsonl")}

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from megatron_opd.models.tiny import tiny_hf_config, train_tokenizer, write_tiny_checkpoint
+from megatron_opd.demo.tiny import tiny_hf_config, train_tokenizer, write_tiny_checkpoint
 from megatron_opd.rollout.embedded_engine import EmbeddedEngine
 from megatron_opd.rollout.engine import SamplingParams
 from megatron_opd.rollout.sglang_engine import SGLangEngine

@@ -23,7 +23,7 @@ from megatron_opd.data.config import DataConfig
 from megatron_opd.parallel.quiet import quiet_known_messages
 from megatron_opd.train import CONFIG_DIR
 from megatron_opd.parallel.device import DEVICE_KINDS
-from megatron_opd.trainer.config import ConfigError, ModelConfig, RolloutConfig
+from megatron_opd.config import ConfigError, ModelConfig, RolloutConfig
 
 
 @dataclass

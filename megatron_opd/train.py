@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_opd.parallel.quiet import quiet_known_messages
-from megatron_opd.trainer.config import OPDConfig, to_config
+from megatron_opd.config import OPDConfig, to_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 ConfigStore.instance().store(name="opd_schema", node=OPDConfig)
@@ -32,7 +32,7 @@ def startup_errors() -> tuple:
     from megatron_opd.parallel import DeviceError, ParallelConfigError
     from megatron_opd.rollout.sglang_server import SGLangConfigError, ServerStartError
     from megatron_opd.trainer.checkpoint import ResumeError
-    from megatron_opd.trainer.config import ConfigError
+    from megatron_opd.config import ConfigError
 
     return (CheckpointFileError, ConfigError, DataConfigError, DataError, DeviceError, FileNotFoundError,
             ParallelConfigError, ResumeError, SGLangConfigError, ServerStartError, UnsupportedArchitectureError,

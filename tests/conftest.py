@@ -8,7 +8,7 @@ from megatron_opd.parallel.quiet import quiet_known_messages  # noqa: E402
 
 quiet_known_messages()
 
-from megatron_opd.models.tiny import train_tokenizer, write_tiny_checkpoint  # noqa: E402
+from megatron_opd.demo.tiny import train_tokenizer, write_tiny_checkpoint  # noqa: E402
 from megatron_opd.parallel.local_group import run_local  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads and fork() do not mix
@@ -110,7 +110,7 @@ def sglang_student(sglang_engine, tiny_models):
 @pytest.fixture(scope="session")
 def distill_setup(tmp_path_factory, tiny_tokenizer):
     """A tiny student and a different teacher (same tokenizer) and synthetic-task parquet files."""
-    from megatron_opd.data.synthetic import write_synthetic_parquet
+    from megatron_opd.demo.arithmetic import write_synthetic_parquet
 
     root = tmp_path_factory.mktemp("distill")
     paths = {"student": write_tiny_checkpoint(str(root / "student"), "qwen2", seed=1, tokenizer=tiny_tokenizer),

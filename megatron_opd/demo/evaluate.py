@@ -13,7 +13,7 @@ import torch
 
 from megatron_opd.data.chat import render_prompts
 from megatron_opd.data.scorers import score_response
-from megatron_opd.data.walk import GRID, MOVES, WALK_DATA_SOURCE, parse_ground_truth, walk_outcome, walk_slips
+from megatron_opd.demo.walk import GRID, MOVES, WALK_DATA_SOURCE, parse_ground_truth, walk_outcome, walk_slips
 from megatron_opd.demo.jobs import TORCH_IN_PROCESS
 from megatron_opd.demo.settings import TEMPERATURE
 

@@ -76,7 +76,7 @@ class Experiment:
         detours, masked or not: the student never sees one)."""
         from transformers import AutoTokenizer
 
-        from megatron_opd.models.tiny import write_tiny_checkpoint
+        from megatron_opd.demo.tiny import write_tiny_checkpoint
 
         init = self.path(task, f"seed{seed}", "init_student")
         tokenizer = AutoTokenizer.from_pretrained(self.path(task, "data", "tokenizer"))

@@ -34,7 +34,7 @@ LR_GRID = (3e-5, 1e-4, 3e-4, 1e-3)
 CHOICE_VALIDATIONS = 3  # an lr's score: the mean of its run's last validations
 PG = ["actor.policy_loss=pg", "actor.kl_loss_type=kl"]
 REWARD = ["reward.fn=gsm8k", "reward.coef=1.0"]
-ARMS = {"direct": ("direct", [f"actor.kl_loss_type={KL}", f"actor.kl_temperature={KL_TEMPERATURE}"]),
+PG_ARMS = {"direct": ("direct", [f"actor.kl_loss_type={KL}", f"actor.kl_temperature={KL_TEMPERATURE}"]),
         "KL (pg)": ("kl_pg", PG),
         "KL + reward": ("kl_reward", PG + REWARD),
         "reward (GRPO)": ("grpo", PG + REWARD + ["actor.kl_loss_coef=0"])}
@@ -45,8 +45,8 @@ def run_dir(exp: Experiment, seed: int, arm: str, lr: float = None) -> str:
     """Seed 0 runs every lr of the grid, each in a directory of its own (lr None: the chosen one)."""
     if seed == 0:
         lr = chosen_lr(exp, arm) if lr is None else lr
-        return exp.path(TASK, "pg", "seed0", f"{ARMS[arm][0]}_lr{lr:g}")
-    return exp.path(TASK, "pg", f"seed{seed}", ARMS[arm][0])
+        return exp.path(TASK, "pg", "seed0", f"{PG_ARMS[arm][0]}_lr{lr:g}")
+    return exp.path(TASK, "pg", f"seed{seed}", PG_ARMS[arm][0])
 
 
 def choice_file(exp: Experiment) -> str:
@@ -60,7 +60,7 @@ def chosen_lr(exp: Experiment, arm: str) -> float:
 def choose_lrs(exp: Experiment) -> None:
     """Each arm's lr: the grid value whose seed-0 run has the best late validation success (ties: smaller)."""
     scores = {}
-    for arm in ARMS:
+    for arm in PG_ARMS:
         for lr in LR_GRID:
             late = curve(os.path.join(run_dir(exp, 0, arm, lr), "metrics.jsonl"), False)["val_success"]
             scores.setdefault(arm, {})[lr] = sum(late[-CHOICE_VALIDATIONS:]) / len(late[-CHOICE_VALIDATIONS:])
@@ -70,7 +70,7 @@ def choose_lrs(exp: Experiment) -> None:
 
 
 def eval_file(exp: Experiment, seed: int, arm: str) -> str:
-    return exp.path(TASK, "pg", "eval", f"seed{seed}", f"{ARMS[arm][0]}.test.json")
+    return exp.path(TASK, "pg", "eval", f"seed{seed}", f"{PG_ARMS[arm][0]}.test.json")
 
 
 def train_arm(exp: Experiment, seed: int, arm: str, steps: int, lr: float = None) -> None:
@@ -80,7 +80,7 @@ def train_arm(exp: Experiment, seed: int, arm: str, steps: int, lr: float = None
         f"teacher.path={exp.path(TASK, 'teacher', 'hf')}", f"data.train_batch_size={PROMPTS}", f"rollout.n={SAMPLES}",
         f"rollout.temperature={TEMPERATURE}", f"actor.micro_batch_size={PROMPTS * SAMPLES}", f"actor.optim.lr={lr}",
         "actor.optim.lr_decay=cosine", f"actor.optim.min_lr={lr / 10}", "actor.optim.warmup_steps=10",
-        f"trainer.total_steps={steps}", f"trainer.test_freq={VAL_EVERY}", *ARMS[arm][1])
+        f"trainer.total_steps={steps}", f"trainer.test_freq={VAL_EVERY}", *PG_ARMS[arm][1])
 
 
 def jobs(exp: Experiment, seeds: int, steps: int) -> list[Job]:
@@ -91,15 +91,15 @@ def jobs(exp: Experiment, seeds: int, steps: int) -> list[Job]:
     out = [job for job in task_jobs(exp, TASK) if job.name in shared]
     choice = f"{TASK}/pg/lr_choice"
     grid = []
-    for arm in ARMS:
+    for arm in PG_ARMS:
         for lr in LR_GRID:
-            grid.append(f"{TASK}/pg/seed0/{ARMS[arm][0]}_lr{lr:g}")
+            grid.append(f"{TASK}/pg/seed0/{PG_ARMS[arm][0]}_lr{lr:g}")
             out.append(Job(grid[-1], lambda a=arm, r=lr: train_arm(exp, 0, a, steps, r),
                            os.path.join(run_dir(exp, 0, arm, lr), "hf", "config.json"), (f"{TASK}/seed0/student",)))
     out.append(Job(choice, lambda: choose_lrs(exp), choice_file(exp), tuple(grid)))
     for seed in range(seeds):
-        for arm in ARMS:
-            name = f"{TASK}/pg/seed{seed}/{ARMS[arm][0]}"
+        for arm in PG_ARMS:
+            name = f"{TASK}/pg/seed{seed}/{PG_ARMS[arm][0]}"
             if seed:
                 out.append(Job(name, lambda s=seed, a=arm: train_arm(exp, s, a, steps),
                                os.path.join(run_dir(exp, seed, arm), "hf", "config.json"),
@@ -120,7 +120,7 @@ def main(argv=None):
     seconds = run_jobs(jobs(exp, args.seeds, args.steps), LANES, exp.path(TASK, "pg", "seconds.json"))
     summary = write_pg_report(exp.path(TASK, "pg", "report"), {
         arm: [(os.path.join(run_dir(exp, s, arm), "metrics.jsonl"), eval_file(exp, s, arm)) for s in range(args.seeds)]
-        for arm in ARMS}, NO_TEACHER, json.load(open(choice_file(exp))),
+        for arm in PG_ARMS}, NO_TEACHER, json.load(open(choice_file(exp))),
         [exp.eval_path(TASK, s, "student") for s in range(args.seeds)])
     print(json.dumps({arm: (row["lr"], row["test_success"]) for arm, row in summary["arms"].items()}, indent=1))
     print(f"job seconds: {sum(seconds.values()):.0f}")

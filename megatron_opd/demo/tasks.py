@@ -7,11 +7,12 @@ import os
 # Resolved once, in the main thread: transformers' lazy imports race when the demo's job threads first meet them.
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
 
-from megatron_opd.data import questions, synthetic_rows, write_rows
-from megatron_opd.data.walk import detour_walk_rows, walk_rows
+from megatron_opd.data import write_rows
+from megatron_opd.demo.arithmetic import questions, synthetic_rows
+from megatron_opd.demo.walk import detour_walk_rows, walk_rows
 from megatron_opd.demo.jobs import TORCH_IN_PROCESS
 from megatron_opd.demo.settings import TEACHER, TEST_PROMPTS, TRAIN_PROMPTS, VAL_PROMPTS
-from megatron_opd.models.tiny import train_tokenizer, write_tiny_checkpoint
+from megatron_opd.demo.tiny import train_tokenizer, write_tiny_checkpoint
 
 DIFFICULTY, LARGEST = 2, 10  # the arithmetic task: two-step sums of operands up to 10
 

@@ -10,7 +10,7 @@ k2, whose expected gradient is that of the true KL (verl's straight-through vari
 """
 import torch
 
-BASE_KINDS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+BASE_KINDS = ("kl", "abs", "mse", "low_var_kl", "k1", "k2", "k3")  # k1, k2, k3: verl's names of kl, mse, low_var_kl
 KINDS = BASE_KINDS + tuple(kind + "+" for kind in BASE_KINDS)
 
 

@@ -26,6 +26,9 @@ class ParallelDims:
     dp_group: Any  # data parallel without CP: the ranks holding different sequences
     is_first_stage: bool
     is_last_stage: bool
+    # megatron's ProcessGroupCollection of a layout of its own (parallel/own_layout.py), which its models and
+    # schedule take; None: megatron's global groups
+    pg_collection: Any = None
 
     @classmethod
     def from_parallel_state(cls, config: ParallelConfig, device: torch.device) -> "ParallelDims":

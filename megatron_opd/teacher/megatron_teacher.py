@@ -1,5 +1,5 @@
 """The teacher on the trainer's own ranks: a frozen megatron model in the student's layout (co-located, the
-default) or in a layout of its own (`teacher.parallel.{tensor,pipeline}`).
+default) or in a layout of its own (`teacher.parallel.{tensor,pipeline}`, parallel/own_layout.py).
 
 Co-located, it runs the student's micro-batches (CP chunks included) and its outputs stay where they are
 made. In its own layout it runs its data-parallel share of the step's sequences, whole, and its outputs go
@@ -8,40 +8,51 @@ the full-vocabulary kinds the student's last stage holds the teacher's output la
 vocabulary shard (sent once, at start-up), and forms the teacher's logits from its hidden states inside
 the loss.
 """
+from typing import Optional
+
 import torch
 
 from checkpoint_tools.pretrained import load_pretrained
 from megatron_opd.loss.kinds import FULL_KINDS
+from megatron_opd.models.batch import split_micro_batches
+from megatron_opd.models.head import final_hidden_states, output_weight
+from megatron_opd.models.pipeline import forward_pass
 from megatron_opd.parallel import ParallelDims
 from megatron_opd.parallel.exchange import exchange_rows
-from megatron_opd.teacher.layout import teacher_place
-from megatron_opd.teacher.outputs import bytes_per_token, deliver, output_fields, per_token_values, whole_rows
-from megatron_opd.trainer.batch import split_micro_batches
-from megatron_opd.models.head import final_hidden_states, output_weight
-from megatron_opd.trainer.pipeline import forward_pass
+from megatron_opd.teacher.interface import Teacher
+from megatron_opd.teacher.outputs import deliver, output_fields, per_token_values, whole_rows
 
 
-class MegatronTeacher:
-    def __init__(self, path: str, dtype: str, layout, actor, temperature: float, vocab_size: int,
-                 student: ParallelDims, student_vocab_shard: int):
-        """Collective. `layout`: teacher.parallel; `vocab_size`: the vocabulary both tokenizers share."""
+def holds_outputs(dims: ParallelDims) -> bool:
+    """One rank per copy of each output: its last stage, TP rank 0 (and CP rank 0)."""
+    return dims.is_last_stage and dims.tp_rank == 0 and dims.cp_rank == 0
+
+
+class MegatronTeacher(Teacher):
+    def __init__(self, path: str, dtype: str, student: ParallelDims, own_dims: Optional[ParallelDims], actor,
+                 temperature: float, vocab_size: int, student_vocab_shard: int):
+        """Collective. `own_dims`: the teacher's own layout (None: co-located, in the student's); `vocab_size`:
+        the vocabulary both tokenizers share."""
+        super().__init__(student)
         self.kind, self.topk, self.temperature, self.vocab_size = actor.kl_loss_type, actor.topk, temperature, vocab_size
-        self.actor, self.student = actor, student
-        self.place = teacher_place(student, layout.tensor, layout.pipeline)
-        self.arch, self.chunks = load_pretrained(path, self.place.config, dtype, pg_collection=self.place.pg_collection)
+        self.actor = actor
+        self.colocated = own_dims is None
+        self.dims = student if own_dims is None else own_dims
+        self.arch, self.chunks = load_pretrained(path, self.dims.config, dtype, pg_collection=self.dims.pg_collection)
+        if actor.max_tokens_per_micro_batch:  # micro-batches of varying shapes cross pipeline stages
+            self.chunks[0].config.variable_seq_lengths = True
         self.dtype = self.chunks[0].config.params_dtype
         self.fields = output_fields(self.kind, self.topk, self.arch.hidden_size, self.dtype)
         self.head_weight = self._head_for_student(student_vocab_shard) if self.kind in FULL_KINDS else None
-        self.bytes_moved = 0
 
     def _head_for_student(self, shard: int):
         """Collective. The teacher's output-layer rows of the student's vocabulary shard [V/TP_s, H_t] on the
         student's last-stage ranks (zeros past the shared vocabulary), None elsewhere."""
-        place, student, hidden = self.place, self.student, self.arch.hidden_size
+        dims, student, hidden = self.dims, self.student, self.arch.hidden_size
         held, held_rows = None, None
-        if place.is_last_stage and place.dp_rank == 0 and place.cp_rank == 0:
+        if dims.is_last_stage and dims.dp_rank == 0 and dims.cp_rank == 0:
             weight = output_weight(self.chunks[-1]).detach()  # [V_t/TP_t, H_t]
-            start = place.tp_rank * weight.shape[0]
+            start = dims.tp_rank * weight.shape[0]
             if start < self.vocab_size:
                 held_rows = (start, min(start + weight.shape[0], self.vocab_size))
                 held = weight[:held_rows[1] - start]
@@ -64,29 +75,21 @@ class MegatronTeacher:
             if full:
                 return {"hidden": output.detach()}
             return per_token_values(output, batch.labels, self.kind, self.topk, self.temperature, self.vocab_size,
-                                    self.place.tp_group)
+                                    self.dims.tp_group)
 
-        return forward_pass(self.chunks, micro_batches, keep, self.place.config.context, self.place.pg_collection,
+        return forward_pass(self.chunks, micro_batches, keep, self.dims.cp_size, self.dims.pg_collection,
                             final_hidden_states if full else None)
 
     def outputs(self, samples, batch, student_micro_batches: list) -> list:
-        """Collective. Per student micro-batch, what the loss needs, on the student's last stage."""
-        if self.place.colocated:
+        if self.colocated:
             return self._pass(student_micro_batches)
-        place, length = self.place, batch.tokens.shape[1]
-        rows = batch.size // place.dp_size
-        mine = (place.dp_rank * rows, (place.dp_rank + 1) * rows)
+        dims, length = self.dims, batch.tokens.shape[1]
+        rows = batch.size // dims.dp_size
+        mine = (dims.dp_rank * rows, (dims.dp_rank + 1) * rows)
         micro = split_micro_batches(batch.rows(*mine), self.actor.micro_batch_size, self.actor.max_tokens_per_micro_batch,
-                                    place.config.sequence_multiple)
+                                    dims.config.sequence_multiple)
         kept = self._pass(micro)
-        held = (whole_rows(kept, micro, self.fields, mine[0], rows, length, self.student.device)
-                if place.holds_outputs else {})
-        out, self.bytes_moved = deliver(held, mine if place.holds_outputs else None, self.fields, self.student,
+        held = whole_rows(kept, micro, self.fields, mine[0], rows, length, self.student.device) if holds_outputs(dims) else {}
+        out, self.bytes_moved = deliver(held, mine if holds_outputs(dims) else None, self.fields, self.student,
                                         student_micro_batches, batch.size, length)
         return out
-
-    def bytes_per_token(self, batch) -> float:
-        return bytes_per_token(self.bytes_moved, batch, self.student.device)
-
-    def close(self) -> None:
-        pass

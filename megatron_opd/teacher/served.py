@@ -22,13 +22,14 @@ import requests
 import torch
 
 from checkpoint_tools.pretrained import is_hf_dir
+from megatron_opd.config import ConfigError
 from megatron_opd.loss.kinds import TOPK_KINDS
 from megatron_opd.parallel import ParallelDims
 from megatron_opd.rollout.engine import RolloutError, ScoredSequence
 from megatron_opd.rollout.sglang_engine import SGLangEngine
 from megatron_opd.rollout.sglang_server import SGLangConfig, ServerStartError
-from megatron_opd.teacher.outputs import bytes_per_token, deliver, output_fields
-from megatron_opd.trainer.config import ConfigError
+from megatron_opd.teacher.interface import Teacher
+from megatron_opd.teacher.outputs import deliver, output_fields
 
 SERVER_LOG = "teacher_sglang.log"  # under trainer.save_dir unless teacher.sglang.log_path names one
 HEALTH_TIMEOUT_S = 5.0
@@ -93,20 +94,18 @@ def shared_vocab_topk(scored: ScoredSequence, k: int, vocab_size: int) -> tuple[
     return ids, logprobs
 
 
-class ServedTeacher:
-    head_weight = None  # only the full-vocabulary kinds use the teacher's output layer; a server sends none
-
+class ServedTeacher(Teacher):
     def __init__(self, cfg, student: ParallelDims, vocab_size: int):
         """`vocab_size`: the vocabulary both tokenizers share. Rank 0 starts or connects to the server."""
+        super().__init__(student)
         teacher = cfg.teacher
         if teacher.url is None and not is_hf_dir(teacher.path):  # every rank: none may go on without the others
             raise ConfigError(f"teacher.path={teacher.path}: a converted Megatron checkpoint, which an SGLang "
                               f"server cannot load; convert it with `opd-convert mcore-to-hf --mcore {teacher.path} "
                               f"--out DIR` and set teacher.path=DIR (or use teacher.engine=megatron)")
-        self.kind, self.vocab_size, self.student = cfg.actor.kl_loss_type, vocab_size, student
+        self.kind, self.vocab_size = cfg.actor.kl_loss_type, vocab_size
         self.top_k = cfg.actor.topk if self.kind in TOPK_KINDS else 0
         self.fields = output_fields(self.kind, cfg.actor.topk, 0, torch.float32)
-        self.bytes_moved = 0
         self.engine = None
         if student.rank == 0:
             config = teacher.sglang
@@ -153,15 +152,11 @@ class ServedTeacher:
         return {name: value.to(self.student.device) for name, value in rows.items()}
 
     def outputs(self, samples, batch, student_micro_batches: list) -> list:
-        """Collective. Per student micro-batch, what the loss needs, on the student's last stage."""
         length = batch.tokens.shape[1]
         held = self._rows(samples, length) if self.engine is not None else {}
         out, self.bytes_moved = deliver(held, (0, batch.size) if self.engine is not None else None, self.fields,
                                         self.student, student_micro_batches, batch.size, length)
         return out
-
-    def bytes_per_token(self, batch) -> float:
-        return bytes_per_token(self.bytes_moved, batch, self.student.device)
 
     def close(self) -> None:
         """Stops a server rank 0 started (a server at teacher.url keeps running). Idempotent."""

@@ -18,14 +18,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_opd.loss import fused_linear_log_probs
+from megatron_opd.config import OPDConfig
+from megatron_opd.models.batch import split_micro_batches
 from megatron_opd.models.head import final_hidden_states, output_weight
+from megatron_opd.models.pipeline import forward_pass, student_pass
 from megatron_opd.trainer import checkpoint
-from megatron_opd.trainer.batch import split_micro_batches
-from megatron_opd.trainer.config import OPDConfig, divergence_temperature
-from megatron_opd.trainer.objective import PARTS, policy_gradient_loss, sft_loss, student_loss
+from megatron_opd.trainer.objective import PARTS, LossInputs, Objective
 from megatron_opd.trainer.optim import optimizer_step
-from megatron_opd.trainer.pipeline import forward_pass, student_pass
 from megatron_opd.trainer.preemption import Preemption
 from megatron_opd.trainer.rollouts import broadcast, step_samples
 from megatron_opd.trainer.setup import Run
@@ -65,6 +64,8 @@ class Trainer:
     def __init__(self, cfg: OPDConfig):
         self.cfg = cfg
         self.run = Run(cfg)
+        self.objective = Objective.of_run(cfg, self.run.vocab_size, self.run.dims.tp_group,
+                                          self.run.teacher.head_weight if self.run.teacher is not None else None)
 
     def _optimizer_step(self, mini: list, teacher: list, old_logprobs: list) -> dict:
         """One optimizer step on a mini-batch (this rank's micro-batches); its global metrics."""
@@ -75,16 +76,7 @@ class Trainer:
         weight = output_weight(run.student[-1]) if dims.is_last_stage else None  # [V/TP, H], tied or not
 
         def share(index, hidden, mb):
-            if cfg.trainer.mode == "sft":
-                return sft_loss(hidden, weight, mb.labels, mb.loss_mask, run.vocab_size, dims.tp_group, counts, index,
-                                cfg.actor.loss_agg_mode)
-            if cfg.actor.policy_loss == "pg":
-                return policy_gradient_loss(hidden, weight, mb, teacher[index], run.teacher.head_weight, cfg.actor,
-                                            cfg.reward.coef, divergence_temperature(cfg), run.vocab_size, dims.tp_group,
-                                            counts, index, old_logprobs[index])
-            return student_loss(hidden, weight, mb.labels, mb.loss_mask, teacher[index], run.teacher.head_weight,
-                                cfg.actor, divergence_temperature(cfg), run.vocab_size, dims.tp_group, counts, index,
-                                mb.on_policy if cfg.actor.lmbda < 1 else None)
+            return self.objective(LossInputs(hidden, weight, mb, counts, index, teacher[index], old_logprobs[index]))
 
         for chunk in run.ddp:
             chunk.zero_grad_buffer()
@@ -110,8 +102,7 @@ class Trainer:
         weight = output_weight(run.student[-1]) if dims.is_last_stage else None
 
         def keep(hidden, mb):
-            return fused_linear_log_probs(hidden, weight, mb.labels, divergence_temperature(cfg), group=dims.tp_group,
-                                          vocab_size=run.vocab_size)
+            return self.objective.log_probs(hidden, weight, mb.labels)
 
         kept = forward_pass(run.ddp, micro, keep, dims.cp_size, output_processor=final_hidden_states)
         return kept or [None] * len(micro)

@@ -5,106 +5,148 @@ hidden states with its output layer cut to the student's vocabulary shard (`head
 logits tensor exists on either side (megatron_opd/loss/fused.py).
 
 Two forms (actor.policy_loss): `direct`, the divergence's own gradient; `pg`, a PPO-clipped policy gradient
-whose advantages are the sampled tokens' reverse KL (and a task reward), megatron_opd/loss/policy_gradient.py."""
+whose advantages are the sampled tokens' reverse KL (and a task reward), megatron_opd/loss/policy_gradient.py.
+`Objective` holds what a run fixes (the actor's settings, the temperature, the vocabulary and TP group, the
+teacher's head); `LossInputs` what one micro-batch brings."""
 import math
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
+from megatron_opd.config import ActorConfig, OPDConfig, divergence_temperature
 from megatron_opd.loss import (
-    aggregate, distillation_loss, fused_linear_divergence, fused_linear_entropy, fused_linear_log_probs,
-    sampled_token_kl)
+    ResponseCounts, aggregate, distillation_loss, fused_linear_divergence, fused_linear_entropy,
+    fused_linear_log_probs, sampled_token_kl)
 from megatron_opd.loss.kinds import FULL_KINDS, SAMPLED_KINDS
 from megatron_opd.loss.policy_gradient import clipped_surrogate, kl_advantages, mismatch_weights
 from megatron_opd.loss.topk import topk_bucket_divergence
-from megatron_opd.trainer.config import ActorConfig
+from megatron_opd.models.batch import TokenBatch
 
 PARTS = ("on_policy", "off_policy")  # the student's own samples; given responses (actor.lmbda < 1)
 
 
-def per_token_kl(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher: dict, head_weight,
-                 actor: ActorConfig, temperature: float, vocab_size: int, group,
-                 sampled_logprobs=None) -> torch.Tensor:
-    """`sampled_logprobs`: the student's log-probs of `labels`, when the caller already has them."""
-    kind = actor.kl_loss_type
-    if kind in FULL_KINDS:
-        return fused_linear_divergence(hidden, weight, teacher["hidden"], head_weight, kind=kind, beta=actor.jsd_beta,
-                                       temperature=temperature, group=group, vocab_size=vocab_size)
-    if kind in SAMPLED_KINDS and sampled_logprobs is not None:
-        return sampled_token_kl(sampled_logprobs, teacher["logprobs"], kind)
-    ids = labels if kind in SAMPLED_KINDS else teacher["topk_ids"]
-    student_logprobs = fused_linear_log_probs(hidden, weight, ids, temperature, group=group, vocab_size=vocab_size)
-    if kind in SAMPLED_KINDS:
-        return sampled_token_kl(student_logprobs, teacher["logprobs"], kind)
-    return topk_bucket_divergence(student_logprobs, teacher["topk_logprobs"], kind.removeprefix("topk_"))
+@dataclass(frozen=True)
+class LossInputs:
+    """One micro-batch's share of a mini-batch's loss: what the student's last stage made of it and what it
+    is compared with."""
+    hidden: torch.Tensor  # [mb, s, H] the student's final hidden states
+    weight: torch.Tensor  # [V/TP, H] its output layer's vocabulary shard
+    batch: TokenBatch  # labels, loss mask, which rows are its own samples, engine log-probs, reward advantages
+    counts: ResponseCounts  # the mini-batch's response counts over all ranks
+    index: int  # the micro-batch's place in the mini-batch
+    teacher: Optional[dict] = None  # what the teacher kept for it; None in SFT
+    old_logprobs: Optional[torch.Tensor] = None  # pg: the student's before the step's first update
+
+    def aggregate(self, values: torch.Tensor, mode: str) -> torch.Tensor:
+        """This micro-batch's share of the mini-batch aggregate of `values` [mb, s] over its response tokens."""
+        counts = self.counts
+        return aggregate(values, self.batch.loss_mask, mode, counts.num_tokens, counts.num_seqs,
+                         counts.seq_num_tokens[self.index])
 
 
-def student_loss(hidden, weight, labels, loss_mask, teacher, head_weight, actor: ActorConfig, temperature: float,
-                 vocab_size: int, group, counts, index: int, on_policy=None) -> tuple[torch.Tensor, dict]:
-    """Micro-batch `index`'s share of the mini-batch loss (shares sum to the global value). With `on_policy`
-    ([mb], which rows the student sampled): also the KL sum and token count of each part."""
-    kl = per_token_kl(hidden, weight, labels, teacher, head_weight, actor, temperature, vocab_size, group)
-    entropy = (fused_linear_entropy(hidden, weight, temperature, group=group, vocab_size=vocab_size)
-               if actor.entropy_coeff else None)
-    loss, metrics = distillation_loss(kl, loss_mask, actor.kl_loss_coef, entropy, actor.entropy_coeff,
-                                      actor.loss_agg_mode, global_num_tokens=counts.num_tokens,
-                                      global_num_seqs=counts.num_seqs, seq_num_tokens=counts.seq_num_tokens[index])
-    if on_policy is not None:
-        for part, rows in zip(PARTS, (on_policy, ~on_policy)):
-            mask = loss_mask * rows[:, None]
-            metrics[f"actor/kl_sum_{part}"] = (kl.detach() * mask).sum()
-            metrics[f"actor/tokens_{part}"] = mask.sum()
-    return loss, metrics
+class Objective:
+    def __init__(self, actor: ActorConfig, temperature: float, vocab_size: int, group: Any = None,
+                 head_weight: Optional[torch.Tensor] = None, reward_coef: float = 0.0, sft: bool = False):
+        """`group`: the TP group (None: one vocabulary shard); `head_weight`: the teacher's output layer cut to
+        the student's shard (full kinds)."""
+        self.actor, self.temperature, self.vocab_size, self.group = actor, temperature, vocab_size, group
+        self.head_weight, self.reward_coef, self.sft = head_weight, reward_coef, sft
 
+    @classmethod
+    def of_run(cls, cfg: OPDConfig, vocab_size: int, group, head_weight) -> "Objective":
+        return cls(cfg.actor, divergence_temperature(cfg), vocab_size, group, head_weight, cfg.reward.coef,
+                   cfg.trainer.mode == "sft")
 
-def teacher_token_log_probs(teacher: dict, head_weight, labels, kind: str, temperature: float, vocab_size: int,
-                            group) -> torch.Tensor:
-    """The teacher's log-prob of each sampled token [mb, s]: kept as such (sampled kinds), or formed from its
-    hidden states and output layer (full kinds)."""
-    if kind in SAMPLED_KINDS:
-        return teacher["logprobs"]
-    with torch.no_grad():
-        return fused_linear_log_probs(teacher["hidden"], head_weight, labels, temperature, group=group,
-                                      vocab_size=vocab_size)
+    def __call__(self, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
+        """The micro-batch's share of the loss (shares sum to the mini-batch's value) and its metrics."""
+        if self.sft:
+            return self.sft_loss(inputs)
+        if self.actor.policy_loss == "pg":
+            return self.policy_gradient_loss(inputs)
+        return self.direct_loss(inputs)
 
+    def log_probs(self, hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor,
+                  temperature: Optional[float] = None) -> torch.Tensor:
+        """Log-probs of `token_ids` under hidden @ weight.T at the divergence's temperature (or `temperature`)."""
+        return fused_linear_log_probs(hidden, weight, token_ids, self.temperature if temperature is None else temperature,
+                                      group=self.group, vocab_size=self.vocab_size)
 
-def policy_gradient_loss(hidden, weight, mb, teacher, head_weight, actor: ActorConfig, reward_coef: float,
-                         temperature: float, vocab_size: int, group, counts, index: int,
-                         old_logprobs=None) -> tuple[torch.Tensor, dict]:
-    """Micro-batch `index`'s share of the PPO-clipped policy-gradient loss on `mb`'s sampled tokens.
-    `old_logprobs`: the student's before this step's first update (None: the current ones, the same values
-    in a step's only update). The advantages are taken at pi_old, fixed for the step, as in PPO."""
-    mask = mb.loss_mask
-    logprobs = fused_linear_log_probs(hidden, weight, mb.labels, temperature, group=group, vocab_size=vocab_size)
-    old = logprobs.detach() if old_logprobs is None else old_logprobs
-    teacher_logprobs = teacher_token_log_probs(teacher, head_weight, mb.labels, actor.kl_loss_type, temperature,
-                                               vocab_size, group)
-    advantages = kl_advantages(old, teacher_logprobs, mask, actor.kl_loss_coef, actor.kl_discount)
-    advantages = advantages + reward_coef * mb.reward_advantages[:, None] * mask
-    per_token, clipped = clipped_surrogate(logprobs, old, advantages, actor.clip_ratio)
-    weights, metrics = mismatch_weights(old, mb.engine_logprobs, mask, actor.is_cap or math.inf, actor.is_mode,
-                                        counts.num_tokens)
-    if actor.is_cap is not None:
-        per_token = per_token * weights
-    counted = dict(global_num_tokens=counts.num_tokens, global_num_seqs=counts.num_seqs,
-                   seq_num_tokens=counts.seq_num_tokens[index])
-    loss = aggregate(per_token, mask, actor.loss_agg_mode, **counted)
-    with torch.no_grad():  # the divergence the direct form would train on, reported whatever the form
-        kl = per_token_kl(hidden.detach(), weight, mb.labels, teacher, head_weight, actor, temperature, vocab_size,
-                          group, logprobs.detach())
-    token_mean = lambda values: aggregate(values, mask, "token-mean", counts.num_tokens)  # noqa: E731
-    metrics.update({"actor/pg_loss": loss.detach(), "actor/pg_clipfrac": token_mean(clipped.to(mask.dtype)),
-                    "actor/advantage_mean": token_mean(advantages),
-                    "actor/kl_loss": aggregate(kl, mask, actor.loss_agg_mode, **counted)})
-    if actor.entropy_coeff:
-        entropy = aggregate(fused_linear_entropy(hidden, weight, temperature, group=group, vocab_size=vocab_size),
-                            mask, actor.loss_agg_mode, **counted)
-        metrics["actor/entropy_loss"] = entropy.detach()
-        loss = loss - actor.entropy_coeff * entropy
-    return loss, metrics
+    def _entropy(self, inputs: LossInputs) -> torch.Tensor:
+        return fused_linear_entropy(inputs.hidden, inputs.weight, self.temperature, group=self.group,
+                                    vocab_size=self.vocab_size)
 
+    def per_token_kl(self, inputs: LossInputs, sampled_logprobs=None) -> torch.Tensor:
+        """[mb, s]. `sampled_logprobs`: the student's log-probs of the labels, when the caller has them."""
+        kind, teacher, labels = self.actor.kl_loss_type, inputs.teacher, inputs.batch.labels
+        if kind in FULL_KINDS:
+            return fused_linear_divergence(inputs.hidden, inputs.weight, teacher["hidden"], self.head_weight, kind=kind,
+                                           beta=self.actor.jsd_beta, temperature=self.temperature, group=self.group,
+                                           vocab_size=self.vocab_size)
+        if kind in SAMPLED_KINDS:
+            if sampled_logprobs is None:
+                sampled_logprobs = self.log_probs(inputs.hidden, inputs.weight, labels)
+            return sampled_token_kl(sampled_logprobs, teacher["logprobs"], kind)
+        student_topk = self.log_probs(inputs.hidden, inputs.weight, teacher["topk_ids"])
+        return topk_bucket_divergence(student_topk, teacher["topk_logprobs"], kind.removeprefix("topk_"))
 
-def sft_loss(hidden, weight, labels, loss_mask, vocab_size: int, group, counts, index: int, loss_agg_mode: str):
-    """Cross-entropy on the given responses, aggregated like the distillation loss."""
-    nll = -fused_linear_log_probs(hidden, weight, labels, group=group, vocab_size=vocab_size)
-    loss = aggregate(nll, loss_mask, loss_agg_mode, counts.num_tokens, counts.num_seqs, counts.seq_num_tokens[index])
-    return loss, {"actor/sft_loss": loss.detach()}
+    def direct_loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
+        """kl_loss_coef x the divergence - entropy_coeff x entropy. With actor.lmbda < 1 also the KL sum and
+        token count of each part (the student's own samples, the given responses)."""
+        actor, mask, counts = self.actor, inputs.batch.loss_mask, inputs.counts
+        kl = self.per_token_kl(inputs)
+        entropy = self._entropy(inputs) if actor.entropy_coeff else None
+        loss, metrics = distillation_loss(kl, mask, actor.kl_loss_coef, entropy, actor.entropy_coeff,
+                                          actor.loss_agg_mode, global_num_tokens=counts.num_tokens,
+                                          global_num_seqs=counts.num_seqs,
+                                          seq_num_tokens=counts.seq_num_tokens[inputs.index])
+        if actor.lmbda < 1:
+            on_policy = inputs.batch.on_policy
+            for part, rows in zip(PARTS, (on_policy, ~on_policy)):
+                part_mask = mask * rows[:, None]
+                metrics[f"actor/kl_sum_{part}"] = (kl.detach() * part_mask).sum()
+                metrics[f"actor/tokens_{part}"] = part_mask.sum()
+        return loss, metrics
+
+    def teacher_token_log_probs(self, inputs: LossInputs) -> torch.Tensor:
+        """The teacher's log-prob of each sampled token [mb, s]: kept as such (sampled kinds), or formed from its
+        hidden states and output layer (full kinds)."""
+        if self.actor.kl_loss_type in SAMPLED_KINDS:
+            return inputs.teacher["logprobs"]
+        with torch.no_grad():
+            return self.log_probs(inputs.teacher["hidden"], self.head_weight, inputs.batch.labels)
+
+    def policy_gradient_loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
+        """The PPO-clipped policy-gradient loss on the micro-batch's sampled tokens. The advantages are taken at
+        pi_old (inputs.old_logprobs; None: the current log-probs, the same values in a step's only update),
+        fixed for the step, as in PPO."""
+        actor, mb, mask = self.actor, inputs.batch, inputs.batch.loss_mask
+        logprobs = self.log_probs(inputs.hidden, inputs.weight, mb.labels)
+        old = logprobs.detach() if inputs.old_logprobs is None else inputs.old_logprobs
+        advantages = kl_advantages(old, self.teacher_token_log_probs(inputs), mask, actor.kl_loss_coef,
+                                   actor.kl_discount)
+        advantages = advantages + self.reward_coef * mb.reward_advantages[:, None] * mask
+        per_token, clipped = clipped_surrogate(logprobs, old, advantages, actor.clip_ratio)
+        weights, metrics = mismatch_weights(old, mb.engine_logprobs, mask, actor.is_cap or math.inf, actor.is_mode,
+                                            inputs.counts.num_tokens)
+        if actor.is_cap is not None:
+            per_token = per_token * weights
+        loss = inputs.aggregate(per_token, actor.loss_agg_mode)
+        with torch.no_grad():  # the divergence the direct form would train on, reported whatever the form
+            detached = LossInputs(inputs.hidden.detach(), inputs.weight, mb, inputs.counts, inputs.index, inputs.teacher)
+            kl = self.per_token_kl(detached, logprobs.detach())
+        metrics.update({"actor/pg_loss": loss.detach(),
+                        "actor/pg_clipfrac": inputs.aggregate(clipped.to(mask.dtype), "token-mean"),
+                        "actor/advantage_mean": inputs.aggregate(advantages, "token-mean"),
+                        "actor/kl_loss": inputs.aggregate(kl, actor.loss_agg_mode)})
+        if actor.entropy_coeff:
+            entropy = inputs.aggregate(self._entropy(inputs), actor.loss_agg_mode)
+            metrics["actor/entropy_loss"] = entropy.detach()
+            loss = loss - actor.entropy_coeff * entropy
+        return loss, metrics
+
+    def sft_loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
+        """Cross-entropy on the given responses (temperature 1), aggregated like the distillation loss."""
+        nll = -self.log_probs(inputs.hidden, inputs.weight, inputs.batch.labels, temperature=1.0)
+        loss = inputs.aggregate(nll, self.actor.loss_agg_mode)
+        return loss, {"actor/sft_loss": loss.detach()}

@@ -3,7 +3,7 @@ step that refuses non-finite gradients instead of applying them."""
 import math
 from dataclasses import dataclass
 
-from megatron_opd.trainer.config import ActorConfig
+from megatron_opd.config import ActorConfig
 
 
 def wrap_and_build_optimizer(chunks, actor: ActorConfig, total_optimizer_steps: int):

@@ -9,14 +9,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opd.data.gsm8k_score import score as gsm8k_score
-from megatron_opd.data.scorers import score_response
+from megatron_opd.data.scorers import NO_REWARD, reward_function
 from megatron_opd.loss.policy_gradient import group_advantages
+from megatron_opd.models.batch import TokenBatch, build_batch
 from megatron_opd.rollout.engine import RolloutError
-from megatron_opd.trainer.batch import TokenBatch, build_batch
-
-# reward.fn: none | the GSM8K scorer ("#### N") | each row's data_source's scorer (data/scorers.py)
-REWARD_FNS = {"gsm8k": lambda source, response, truth: gsm8k_score(response, truth), "data_source": score_response}
 
 
 @dataclass
@@ -52,9 +48,9 @@ def length_metrics(responses) -> dict:
 
 
 def rewards_of(fn: str, items: list[dict], responses: list[str], n: int) -> list[float]:
-    """Each response's reward; responses are `n` consecutive per item."""
-    score = REWARD_FNS[fn]
-    return [score(item["data_source"], text, item["ground_truth"])
+    """Each response's reward (reward.fn `fn`); responses are `n` consecutive per item."""
+    score = reward_function(fn)
+    return [float(score(item["data_source"], text, item["ground_truth"]))
             for item, texts in zip(items, itertools.batched(responses, n)) for text in texts]
 
 
@@ -85,7 +81,7 @@ def _generate(run, cfg, step: int, items: list[dict], own: set[int]):
         return RolloutError(f"the engine sampled token id {beyond[0]}, past the {run.vocab_size} ids the tokenizers "
                             f"share (a vocabulary padding row, no token)")
     rewards = None
-    if cfg.reward.fn != "none":
+    if cfg.reward.fn != NO_REWARD:
         texts = run.tokenizer.batch_decode([r for _, r in pairs], skip_special_tokens=True)
         rewards = rewards_of(cfg.reward.fn, items, texts, n)
     return pairs, logprobs, rewards

@@ -8,21 +8,20 @@ import os
 import torch
 
 from checkpoint_tools.pretrained import checkpoint_dtype, is_hf_dir, load_pretrained
-from megatron_opd.data.scorers import mean_score
+from megatron_opd.config import MODEL_DTYPES, ConfigError, ModelConfig, OPDConfig, teacher_layout
 from megatron_opd.data.prompt_dataset import PromptDataset
 from megatron_opd.data.sampler import PromptSampler
+from megatron_opd.data.scorers import mean_score
 from megatron_opd.models import load_arch, padded_vocab_size
+from megatron_opd.models.batch import response_loss_mask
 from megatron_opd.parallel import DeviceError, ParallelConfig, current_device, initialize_model_parallel
 from megatron_opd.rollout.factory import make_engine
 from megatron_opd.rollout.engine import SamplingParams
 from megatron_opd.rollout.hf_dir import HFDirWriter
+from megatron_opd.teacher import make_teacher
 from megatron_opd.trainer import checkpoint
-from megatron_opd.teacher import MegatronTeacher, make_teacher
-from megatron_opd.teacher.layout import teacher_layout
-from megatron_opd.trainer.config import MODEL_DTYPES, ConfigError, ModelConfig, OPDConfig
 from megatron_opd.trainer.metrics import Metrics
 from megatron_opd.trainer.optim import wrap_and_build_optimizer
-from megatron_opd.trainer.batch import response_loss_mask
 from megatron_opd.trainer.vocab import load_tokenizer, shared_vocab_size
 from megatron_opd.trainer.weight_push import push_weights
 
@@ -43,23 +42,22 @@ def check_layout_and_vocab(cfg: OPDConfig, world_size: int):
     tokenizer = load_tokenizer(cfg.student.path, "student.path")
     vocab_size = min(len(tokenizer), student.vocab_size)
     sequences = cfg.data.train_batch_size * cfg.rollout.n
+    micro = 1 if cfg.actor.max_tokens_per_micro_batch else cfg.actor.micro_batch_size
     if cfg.trainer.mode == "distill":
         teacher = load_arch(cfg.teacher.path)
         vocab_size = min(vocab_size, teacher.vocab_size, shared_vocab_size(
             tokenizer, load_tokenizer(cfg.teacher.path, "teacher.path"), cfg.student.path, cfg.teacher.path))
         if cfg.teacher.engine == "megatron":
             layout = teacher_layout(cfg)
-            _check_layout(layout, world_size, "teacher.path", cfg.teacher.path, teacher)
-            teacher_dp = layout.data_parallel_size(world_size)
-            micro = 1 if cfg.actor.max_tokens_per_micro_batch else cfg.actor.micro_batch_size
-            if layout is not cfg.parallel and (sequences % teacher_dp or (sequences // teacher_dp) % micro):
+            _check_layout(layout or cfg.parallel, world_size, "teacher.path", cfg.teacher.path, teacher)
+            teacher_dp = layout.data_parallel_size(world_size) if layout is not None else None
+            if teacher_dp and (sequences % teacher_dp or (sequences // teacher_dp) % micro):
                 raise ConfigError(f"teacher.parallel={{tensor: {layout.tensor}, pipeline: {layout.pipeline}}}: each "
                                   f"of the teacher's {teacher_dp} data-parallel ranks gets {sequences / teacher_dp:g} of "
                                   f"the step's {sequences} sequences, which must be a whole multiple of "
                                   f"actor.micro_batch_size={cfg.actor.micro_batch_size}")
     dp = world_size // cfg.parallel.model_parallel_size
     mini = (cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size) * cfg.rollout.n
-    micro = 1 if cfg.actor.max_tokens_per_micro_batch else cfg.actor.micro_batch_size
     if mini % dp or (mini // dp) % micro:
         raise ConfigError(f"actor.micro_batch_size={cfg.actor.micro_batch_size}: each of the {dp} data-parallel "
                           f"ranks gets {mini / dp:g} sequences per mini-batch ({mini} = ppo_mini_batch_size x "
@@ -109,8 +107,7 @@ class Run:
                                     padded_vocab_size(self.arch.vocab_size, cfg.parallel.tensor) // cfg.parallel.tensor
                                     ) if cfg.trainer.mode == "distill" else None
         if cfg.actor.max_tokens_per_micro_batch:  # micro-batches of varying shapes cross pipeline stages
-            for model in (self.student, self.teacher.chunks if isinstance(self.teacher, MegatronTeacher) else []):
-                model[0].config.variable_seq_lengths = True
+            self.student[0].config.variable_seq_lengths = True
         mini_batch = cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size
         self.mini_batches_per_step = cfg.data.train_batch_size // mini_batch
         total_updates = cfg.trainer.total_steps * cfg.actor.ppo_epochs * self.mini_batches_per_step

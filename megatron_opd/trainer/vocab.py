@@ -8,7 +8,7 @@ padding rows, and rows one model has and the other lacks — are masked on both 
 """
 import os
 
-from megatron_opd.trainer.config import ConfigError
+from megatron_opd.config import ConfigError
 
 SHOWN = 5  # differing tokens named in the error
 # One of these holds a tokenizer's vocabulary; without any, transformers quietly builds a stand-in.

@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from megatron_opd.models.tiny import write_tiny_checkpoint
+from megatron_opd.demo.tiny import write_tiny_checkpoint
 
 
 def opd_convert(*args):

@@ -15,7 +15,7 @@ from checkpoint_tools.pretrained import load_pretrained
 from checkpoint_tools.verify import compare, hf_logits, megatron_logits, sample_tokens
 from checkpoint_tools.weights import WeightMismatchError
 from megatron_opd.models import UnsupportedArchitectureError
-from megatron_opd.models.tiny import write_tiny_checkpoint
+from megatron_opd.demo.tiny import write_tiny_checkpoint
 from megatron_opd.parallel import ParallelConfig, initialize_model_parallel
 from tests.conftest import FAMILIES, run_distributed
 

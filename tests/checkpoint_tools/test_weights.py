@@ -45,7 +45,7 @@ def test_hf_directory_loads_directly_at_tp2_pp2(tiny_models):
 @pytest.mark.parametrize("kv_heads, layout", [(4, ParallelConfig(tensor=2)), (1, ParallelConfig(pipeline=2))],
                          ids=["mha-tp2", "mqa-pp2"])
 def test_any_query_group_count(kv_heads, layout, tiny_tokenizer, tmp_path):
-    from megatron_opd.models.tiny import write_tiny_checkpoint
+    from megatron_opd.demo.tiny import write_tiny_checkpoint
 
     hf_dir = write_tiny_checkpoint(str(tmp_path / "hf"), "llama", tokenizer=tiny_tokenizer, num_key_value_heads=kv_heads)
     tokens = sample_tokens(len(tiny_tokenizer))

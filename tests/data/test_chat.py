@@ -1,7 +1,7 @@
 import pytest
 
 from megatron_opd.data.chat import encode_prompt, prompt_lengths, render_prompt, render_prompts
-from megatron_opd.models.tiny import train_tokenizer
+from megatron_opd.demo.tiny import train_tokenizer
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 7?"}]
 

@@ -9,7 +9,7 @@ import os
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
-from megatron_opd.data import questions
+from megatron_opd.demo.arithmetic import questions
 from megatron_opd.data.scorers import score_response
 from megatron_opd.demo.opd_demo import main
 from megatron_opd.demo.report import run_tokens

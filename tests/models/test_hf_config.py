@@ -3,7 +3,7 @@ import json
 import pytest
 
 from megatron_opd.models import UnsupportedArchitectureError, arch_from_dict, load_arch, padded_vocab_size
-from megatron_opd.models.tiny import tiny_hf_config
+from megatron_opd.demo.tiny import tiny_hf_config
 
 
 def _config(family, **overrides):

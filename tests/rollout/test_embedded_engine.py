@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from scipy.stats import chi2
 
-from megatron_opd.models.tiny import write_tiny_checkpoint
+from megatron_opd.demo.tiny import write_tiny_checkpoint
 from megatron_opd.rollout.embedded_engine import EmbeddedEngine
 from megatron_opd.rollout.engine import RolloutError, SamplingParams
 from tests.conftest import FAMILIES

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from megatron_opd.trainer.config import to_config
+from megatron_opd.config import to_config
 from tests.conftest import distill_overrides, run_distributed
 from tests.trainer.test_config import composed
 

@@ -18,7 +18,7 @@ import torch
 from megatron_opd.parallel import ParallelConfig, ParallelDims
 from megatron_opd.rollout.sglang_server import ServerStartError
 from megatron_opd.teacher.served import ServedTeacher, ServerAt
-from megatron_opd.trainer.config import ConfigError, to_config
+from megatron_opd.config import ConfigError, to_config
 from tests.conftest import SGLANG_STUB, distill_overrides, fixed_data, run_distributed
 from tests.trainer.test_config import composed
 from tests.trainer.test_loop import kl_curve, train
@@ -95,17 +95,16 @@ def _both_teachers(rank, world_size, sampled_cfg, topk_cfg):
     """Per case, the Megatron teacher's and the served teacher's outputs on SAMPLES and the top_k of each
     scoring request; the Megatron teacher's at temperature 0.5, and the served log-probs of a request that
     asks for temperature 0.5."""
+    from megatron_opd.models.batch import build_batch
     from megatron_opd.parallel import initialize_model_parallel
     from megatron_opd.teacher import MegatronTeacher
-    from megatron_opd.trainer.batch import build_batch
 
     dims = initialize_model_parallel(ParallelConfig())
     batch = build_batch([p for p, _ in SAMPLES], [r for _, r in SAMPLES], 3, dims.device)
     micro = batch.micro_batches(sampled_cfg.actor.micro_batch_size)
 
     def megatron_outputs(cfg, vocab_size, temperature=1.0):
-        teacher = MegatronTeacher(cfg.teacher.path, "float32", cfg.parallel, cfg.actor, temperature, vocab_size,
-                                  dims, VOCAB)
+        teacher = MegatronTeacher(cfg.teacher.path, "float32", dims, None, cfg.actor, temperature, vocab_size, VOCAB)
         return teacher.outputs(SAMPLES, batch, micro)
 
     results = {}

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from megatron_opd.train import CONFIG_DIR
-from megatron_opd.trainer.config import ConfigError, OPDConfig, to_config
+from megatron_opd.config import ConfigError, OPDConfig, to_config
 from megatron_opd.trainer.setup import check_layout_and_vocab
 from tests.conftest import distill_overrides
 
@@ -62,7 +62,7 @@ def test_bad_values_name_the_key(distill_setup, tmp_path, override, message):
 
 
 def test_impossible_layout_and_mismatched_vocab_fail_before_models(distill_setup, tiny_tokenizer, tmp_path):
-    from megatron_opd.models.tiny import train_tokenizer, write_tiny_checkpoint
+    from megatron_opd.demo.tiny import train_tokenizer, write_tiny_checkpoint
 
     cfg = to_config(composed(*distill_overrides(distill_setup, tmp_path), "parallel.tensor=2"))
     with pytest.raises(ConfigError, match=r"student.path=.*world size 1 is not divisible"):

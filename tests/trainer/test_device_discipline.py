@@ -13,7 +13,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from megatron_opd.parallel import cpu_compat
-from megatron_opd.trainer.config import to_config
+from megatron_opd.config import to_config
 from tests.conftest import distill_overrides, run_distributed
 from tests.trainer.test_config import composed
 
@@ -74,7 +74,7 @@ def test_every_factory_in_a_distillation_run_names_its_device(distill_setup, tmp
                                                              "actor.topk=4", "actor.entropy_coeff=0.01"),
                                    timeout_s=600))
     # The check saw the places that make the step's tensors (it cannot pass by watching nothing).
-    for site in ("megatron_opd/trainer/batch.py", "megatron_opd/teacher/outputs.py",
+    for site in ("megatron_opd/models/batch.py", "megatron_opd/teacher/outputs.py",
                  "megatron_opd/rollout/embedded_engine.py", "megatron_opd/parallel/dims.py",
                  "megatron_opd/trainer/preemption.py", "checkpoint_tools/hf_files.py"):
         assert any(where.startswith(site) for where in placed), (site, sorted(placed))

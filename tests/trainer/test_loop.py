@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from megatron_opd.trainer.config import to_config
+from megatron_opd.config import to_config
 from tests.conftest import distill_overrides, fixed_data, mean_falls, run_distributed
 from tests.trainer.test_config import composed
 

@@ -4,13 +4,15 @@ rollout temperature) — the full kinds as KL/JSD between softmax(s / tau) and s
 kinds on log-probs of those, the top-k kinds on the teacher's top-k of softmax(t / tau) — and teacher = student
 gives 0 at any tau."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from megatron_opd.config import ActorConfig, OPDConfig, divergence_temperature
+from megatron_opd.loss import response_counts
 from megatron_opd.teacher.outputs import per_token_values
-from megatron_opd.trainer.config import ActorConfig, OPDConfig, divergence_temperature
-from megatron_opd.trainer.objective import per_token_kl
+from megatron_opd.trainer.objective import LossInputs, Objective
 from tests.loss import reference
 
 VOCAB, PADDED, HIDDEN = 29, 32, 12
@@ -26,13 +28,20 @@ def setup(seed=0):
     return student, teacher, torch.randint(0, VOCAB, (2, 5), generator=gen)
 
 
+def inputs(student, labels, teacher, mask=None, **batch):
+    """The loss inputs of one micro-batch with `labels` (every position a response token unless `mask`)."""
+    mask = torch.ones(labels.shape, dtype=torch.float64) if mask is None else mask
+    mb = SimpleNamespace(labels=labels, loss_mask=mask, **batch)
+    return LossInputs(*student, mb, response_counts(mask), 0, teacher)
+
+
 def kl(kind, student, teacher, labels, tau, **actor):
     actor = ActorConfig(kl_loss_type=kind, **actor)
     if kind in ("forward", "reverse", "jsd"):
         kept, head = {"hidden": teacher[0]}, teacher[1]
     else:
         kept, head = per_token_values(teacher[0] @ teacher[1].T, labels, kind, actor.topk, tau, VOCAB, None), None
-    return per_token_kl(*student, labels, kept, head, actor, tau, VOCAB, None)
+    return Objective(actor, tau, VOCAB, head_weight=head).per_token_kl(inputs(student, labels, kept))
 
 
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd", "kl", "low_var_kl", "topk_forward", "topk_reverse"])
@@ -74,8 +83,8 @@ def test_kl_temperature_defaults_to_the_rollout_temperature():
 def test_the_teachers_head_must_be_cut_to_the_students_shard():
     student, teacher, labels = setup()
     with pytest.raises(ValueError, match="cannot stand for logits"):
-        per_token_kl(*student, labels, {"hidden": teacher[0]}, teacher[1][:20], ActorConfig(kl_loss_type="reverse"),
-                     1.0, VOCAB, None)
+        Objective(ActorConfig(kl_loss_type="reverse"), 1.0, VOCAB, head_weight=teacher[1][:20]).per_token_kl(
+            inputs(student, labels, {"hidden": teacher[0]}))
 
 
 # The policy-gradient form (actor.policy_loss=pg) on one micro-batch, against autograd on its definition.
@@ -86,18 +95,12 @@ REWARD_ADVANTAGES = torch.tensor([0.5, -0.5], dtype=torch.float64)
 def pg_loss(student, teacher, labels, engine_shift, reward_coef=0.7, **actor):
     """(loss, metrics, d loss / d student tensors) of policy_gradient_loss; the engine's log-probs are the
     trainer's plus `engine_shift` ([2, 1])."""
-    from types import SimpleNamespace
-
-    from megatron_opd.loss import response_counts
-    from megatron_opd.trainer.objective import policy_gradient_loss
-
     hidden, weight = (t.clone().requires_grad_() for t in student)
     own = reference.log_softmax(hidden @ weight.T, VOCAB, TAU).gather(-1, labels[..., None])[..., 0].detach()
-    mb = SimpleNamespace(labels=labels, loss_mask=MASK, reward_advantages=REWARD_ADVANTAGES,
-                         engine_logprobs=own + engine_shift)
     actor = ActorConfig(kl_loss_type="reverse", policy_loss="pg", kl_loss_coef=1.3, **actor)
-    loss, metrics = policy_gradient_loss(hidden, weight, mb, {"hidden": teacher[0]}, teacher[1], actor, reward_coef,
-                                         TAU, VOCAB, None, response_counts(MASK), 0)
+    objective = Objective(actor, TAU, VOCAB, head_weight=teacher[1], reward_coef=reward_coef)
+    loss, metrics = objective(inputs((hidden, weight), labels, {"hidden": teacher[0]}, MASK,
+                                     reward_advantages=REWARD_ADVANTAGES, engine_logprobs=own + engine_shift))
     return loss, metrics, torch.autograd.grad(loss, (hidden, weight))
 
 

@@ -5,8 +5,8 @@ import math
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_opd.models.tiny import write_tiny_checkpoint
-from megatron_opd.trainer.config import to_config
+from megatron_opd.demo.tiny import write_tiny_checkpoint
+from megatron_opd.config import to_config
 from tests.conftest import distill_overrides, run_distributed
 from tests.trainer.test_config import composed
 

@@ -1,5 +1,5 @@
 """Which prompts the student answers, and the rewards of its samples with their group baselines."""
-from megatron_opd.data.walk import WALK_DATA_SOURCE, walk_rows
+from megatron_opd.demo.walk import WALK_DATA_SOURCE, walk_rows
 from megatron_opd.trainer.rollouts import on_policy_prompts, rewards_of
 
 

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from megatron_opd.models.tiny import train_tokenizer
-from megatron_opd.trainer.config import ConfigError, to_config
+from megatron_opd.demo.tiny import train_tokenizer
+from megatron_opd.config import ConfigError, to_config
 from megatron_opd.trainer.setup import check_layout_and_vocab
 from megatron_opd.trainer.vocab import load_tokenizer, shared_vocab_size
 from tests.conftest import distill_overrides

@@ -9,7 +9,7 @@ import torch
 
 from megatron_opd.models.forward import per_chunk_iterators
 from megatron_opd.models.head import final_hidden_states
-from megatron_opd.trainer.batch import TokenBatch
+from megatron_opd.models.batch import TokenBatch
 
 
 def _run(chunks, micro_batches: list[TokenBatch], loss_of: Callable, forward_only: bool, cp_size: int,

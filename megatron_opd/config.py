@@ -1,11 +1,14 @@
-"""The trainer's typed config: the schema behind `configs/distillation_trainer.yaml` (which only overrides).
-Every section validates itself when built, so a bad value fails before any model exists, naming its key."""
+"""A run's typed config: the schema behind `configs/distillation_trainer.yaml` (which only overrides).
+Every section validates itself when built, so a bad value fails before any model exists, naming its key.
+Where a setting is resolved from others (the divergence's temperature, the teacher's layout), the one
+function that does it is here."""
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron_opd.data.config import DataConfig
+from megatron_opd.data.scorers import NO_REWARD, reward_function
 from megatron_opd.loss.distillation import AGG_MODES
-from megatron_opd.loss.kinds import FULL_KINDS, KL_LOSS_TYPES, TOPK_KINDS
+from megatron_opd.loss.kinds import FULL_KINDS, KL_LOSS_TYPES, SAMPLED_KINDS, TOPK_KINDS, named
 from megatron_opd.parallel import DEVICE_KINDS, ParallelConfig
 from megatron_opd.rollout.sglang_server import SGLangConfig
 
@@ -168,20 +171,23 @@ class ActorConfig:
                "must be null (measure the mismatch only) or > 1")
         _check(self.policy_loss == "direct" or self.kl_loss_type not in TOPK_KINDS, "actor.kl_loss_type",
                self.kl_loss_type, "actor.policy_loss=pg needs the teacher's log-prob of each sampled token, which "
-               "a top-k teacher need not hold: use a sampled-token kind (kl|abs|mse|low_var_kl) or a full one "
-               "(forward|reverse|jsd)")
-
-
-REWARD_FNS = ("none", "gsm8k", "data_source")
+               f"a top-k teacher need not hold: use a sampled-token kind ({named(SAMPLED_KINDS)}) or a full one "
+               f"({named(FULL_KINDS)})")
 
 
 @dataclass
 class RewardConfig:
-    fn: str = "none"  # none | gsm8k (the answer after "####") | data_source (each row's scorer, data/scorers.py)
+    # none | gsm8k (the answer after "####") | data_source (each row's scorer) | module:function
+    # (fn(data_source, solution_str, ground_truth) -> float), see data/scorers.py
+    fn: str = NO_REWARD
     coef: float = 1.0  # actor.policy_loss=pg: the advantage gains coef x (reward - the mean of its prompt's samples)
 
     def __post_init__(self):
-        _one_of("reward.fn", self.fn, REWARD_FNS)
+        if self.fn != NO_REWARD:
+            try:
+                reward_function(self.fn)
+            except ValueError as err:
+                raise ConfigError(f"reward.fn={self.fn!r}: {err}") from None
         _check(self.coef >= 0, "reward.coef", self.coef, "must be >= 0")
 
 
@@ -231,8 +237,8 @@ class OPDConfig:
             _check(bool(self.teacher.path), "teacher.path", self.teacher.path, "is required with trainer.mode=distill")
             _check(self.teacher.engine != "sglang" or self.actor.kl_loss_type not in FULL_KINDS, "actor.kl_loss_type",
                    self.actor.kl_loss_type, "needs the teacher's whole distribution, which a served teacher "
-                   "(teacher.engine=sglang) does not send: use a sampled-token kind (kl|abs|mse|low_var_kl), "
-                   "topk_forward|topk_reverse with actor.topk, or teacher.engine=megatron")
+                   f"(teacher.engine=sglang) does not send: use a sampled-token kind ({named(SAMPLED_KINDS)}), "
+                   f"{named(TOPK_KINDS)} with actor.topk, or teacher.engine=megatron")
             temperature = divergence_temperature(self)
             _check(self.teacher.engine != "sglang" or temperature == 1.0, "actor.kl_temperature",
                    self.actor.kl_temperature, f"the divergence would run at temperature {temperature:g} (null: "
@@ -255,9 +261,9 @@ class OPDConfig:
 
     def _check_policy_gradient(self):
         actor, pg = self.actor, self.actor.policy_loss == "pg"
-        _check(self.reward.fn == "none" or pg, "reward.fn", self.reward.fn, "needs actor.policy_loss=pg: a task "
+        _check(self.reward.fn == NO_REWARD or pg, "reward.fn", self.reward.fn, "needs actor.policy_loss=pg: a task "
                "reward enters only the policy-gradient loss's advantages")
-        _check(self.reward.fn == "none" or self.rollout.n >= 2, "rollout.n", self.rollout.n, f"must be >= 2 with "
+        _check(self.reward.fn == NO_REWARD or self.rollout.n >= 2, "rollout.n", self.rollout.n, f"must be >= 2 with "
                f"reward.fn={self.reward.fn}: a reward's baseline is the mean over the samples of its prompt")
         if not pg:
             return
@@ -272,6 +278,16 @@ class OPDConfig:
         _check(actor.kl_discount == 0 or self.parallel.context == 1, "actor.kl_discount", actor.kl_discount,
                f"must be 0 with parallel.context={self.parallel.context}: a discounted sum runs over the whole "
                f"response, which context parallelism splits across ranks")
+
+
+def teacher_layout(cfg: OPDConfig) -> Optional[ParallelConfig]:
+    """The Megatron teacher's own layout, or None where it is the student's (co-located: the student's groups,
+    CP included, and micro-batches). teacher.parallel's unset sizes are the student's."""
+    own = cfg.teacher.parallel
+    tensor, pipeline = own.tensor or cfg.parallel.tensor, own.pipeline or cfg.parallel.pipeline
+    if (tensor, pipeline) == (cfg.parallel.tensor, cfg.parallel.pipeline):
+        return None
+    return ParallelConfig(tensor=tensor, pipeline=pipeline)
 
 
 def divergence_temperature(cfg: OPDConfig) -> float:

@@ -135,6 +135,11 @@ def parse_ground_truth(ground_truth: str) -> tuple[tuple[int, int], tuple[int, i
     return (x0, y0), (x1, y1)
 
 
+def score(response: str, ground_truth: str) -> float:
+    """The walk's scorer (registered for WALK_DATA_SOURCE in setup.py): 1.0 when the response succeeds."""
+    return float(walk_outcome(*parse_ground_truth(ground_truth), response)["success"])
+
+
 def walk_rows(num_rows: int, seed: int = 0, split: str = "train", exclude: Collection[str] = ()) -> Iterator[dict]:
     """Rows in verl's schema with an oracle walk as the answer, the same for the same arguments; questions in
     `exclude` (another split's start/goal pairs) are drawn again."""

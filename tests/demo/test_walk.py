@@ -3,7 +3,7 @@ perturbed walks recover within the slack with their detours marked, the scorer's
 import random
 
 from megatron_opd.data.scorers import mean_score
-from megatron_opd.data.walk import (
+from megatron_opd.demo.walk import (
     DISTANCES, GRID, SLACK, WALK_DATA_SOURCE, detour_walk_rows, oracle_moves, parse_ground_truth, perturbed_walk,
     parse_moves, question, walk_outcome, walk_problem, walk_rows, walk_slips, walk_text)
 

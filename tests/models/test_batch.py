@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from megatron_opd.trainer.batch import build_batch, response_loss_mask
-from megatron_opd.trainer.config import to_config
+from megatron_opd.models.batch import build_batch, response_loss_mask
+from megatron_opd.config import to_config
 from tests.conftest import distill_overrides, run_distributed
 from tests.trainer.test_config import composed
 

@@ -6,8 +6,9 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from megatron_opd.data import (ROW_SCHEMA, SYNTHETIC_DATA_SOURCE, PromptDataset, accuracy, arithmetic_problem,
-                               questions, synthetic_rows, write_synthetic_parquet)
+from megatron_opd.data import ROW_SCHEMA, PromptDataset, accuracy
+from megatron_opd.demo.arithmetic import (
+    SYNTHETIC_DATA_SOURCE, arithmetic_problem, questions, synthetic_rows, write_synthetic_parquet)
 
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
