@@ -32,6 +32,11 @@ def _one_of(key: str, value, choices) -> None:
     _check(value in choices, key, value, f"must be one of {'|'.join(choices)}")
 
 
+def _check_url(key: str, url: Optional[str]) -> None:
+    _check(url is None or url.startswith(("http://", "https://")), key, url,
+           "must be the server's http(s):// address, e.g. http://127.0.0.1:30000")
+
+
 @dataclass
 class ModelConfig:
     path: Optional[str] = None  # an HF model directory or a converted Megatron checkpoint
@@ -69,8 +74,7 @@ class TeacherConfig(ModelConfig):
         _one_of("teacher.engine", self.engine, TEACHER_ENGINES)
         _check(self.url is None or self.engine == "sglang", "teacher.url", self.url,
                "names a served teacher's SGLang server: set teacher.engine=sglang, or teacher.url=null")
-        _check(self.url is None or self.url.startswith(("http://", "https://")), "teacher.url", self.url,
-               "must be the server's http(s):// address, e.g. http://127.0.0.1:30000")
+        _check_url("teacher.url", self.url)
         for key in ("tensor", "pipeline"):
             _check(self.engine == "megatron" or getattr(self.parallel, key) is None, f"teacher.parallel.{key}",
                    getattr(self.parallel, key), "is the Megatron teacher's layout; a served teacher "
@@ -85,10 +89,16 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     response_length: int = 256
-    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)  # engine=sglang: the server rank 0 starts
+    # engine=sglang: a server already running (null: rank 0 starts one). This run pushes the student's weights
+    # to it and never starts or stops it: it must serve the student's architecture, for this run alone.
+    url: Optional[str] = None
 
     def __post_init__(self):
         _one_of("rollout.engine", self.engine, ("local", "sglang"))
+        _check(self.url is None or self.engine == "sglang", "rollout.url", self.url,
+               "names an SGLang server: set rollout.engine=sglang, or rollout.url=null")
+        _check_url("rollout.url", self.url)
         _check(self.n >= 1, "rollout.n", self.n, "must be >= 1")
         _check(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0 (on-policy sampling)")
         _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
@@ -207,6 +217,8 @@ class TrainerConfig:
     # Every collective's limit, including the other ranks' wait while rank 0 generates a step's rollouts.
     collective_timeout_s: float = 1800.0
     exit_interval: int = 0  # stop with a checkpoint after every step divisible by it (0: never)
+    # Rank 0 writes each step's sequences (ids, text, reward) to <rollout_data_dir>/<step>.jsonl (null: none)
+    rollout_data_dir: Optional[str] = None
 
     def __post_init__(self):
         _one_of("trainer.mode", self.mode, ("distill", "sft"))

@@ -6,7 +6,8 @@ The output is valid training data as it stands: `trainer.mode=sft data.response_
 it (the off-policy distillation baseline: SFT on teacher samples).
 
 Run: python -m megatron_opd.generate model.path=DIR data.val_files=test.parquet [output=out.jsonl]
-         [rollout.engine=sglang] [do_sample=true rollout.temperature=0.6 rollout.n=4]
+         [rollout.engine=sglang [rollout.url=http://HOST:PORT]] [do_sample=true rollout.temperature=0.6 rollout.n=4]
+(with rollout.url the server there answers as it is: it should serve model.path's weights)
 """
 import json
 import os
@@ -77,7 +78,7 @@ def generate(cfg: GenerateConfig) -> float:
                               top_p=r.top_p, top_k=r.top_k, n=r.n, stop_token_ids=(tokenizer.eos_token_id,),
                               seed=cfg.seed)
     engine = make_engine(r.engine, cfg.model.path, r.sglang, dtype=resolve_dtype(model_dtype(cfg.model, "model")),
-                         device=resolve_device(cfg.device))
+                         device=resolve_device(cfg.device), url=r.url)
     engine.start()
     try:
         started = time.perf_counter()
@@ -123,7 +124,7 @@ def main(raw) -> None:
     try:
         cfg = OmegaConf.to_object(raw)
     except (ValueError, OmegaConfBaseException) as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     generate(cfg)
 

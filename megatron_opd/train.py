@@ -5,7 +5,7 @@ Run: python -m megatron_opd.train --config-name=distillation_trainer student.pat
      torchrun --nproc-per-node=N -m megatron_opd.train ...   (or srun: SLURM variables are read too)
 
 A bad config, data file, checkpoint or device ends the run at start-up with one line naming the
-problem (exit code 2), before any step; errors after start-up keep their traceback.
+problem (`error: ...`, exit code 2), before any step; errors after start-up keep their traceback.
 """
 import os
 import sys
@@ -60,8 +60,8 @@ def run(cfg: OPDConfig) -> list[dict]:
         destroy()
 
 
-def _fail(kind: str, err: BaseException) -> None:
-    print(f"{kind}: {err}", file=sys.stderr, flush=True)
+def _fail(err: BaseException) -> None:
+    print(f"error: {err}", file=sys.stderr, flush=True)
     sys.exit(STARTUP_EXIT_CODE)
 
 
@@ -71,14 +71,14 @@ def main(raw) -> None:
     try:
         cfg = to_config(raw)
     except (ValueError, OmegaConfBaseException) as err:  # each names the key
-        _fail("config error", err)
+        _fail(err)
     from megatron_opd.parallel import destroy
 
     try:
         trainer = start(cfg)
     except startup_errors() as err:
         destroy()
-        _fail("error", err)
+        _fail(err)
     try:
         trainer.train()
     finally:

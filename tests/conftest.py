@@ -12,6 +12,7 @@ from megatron_opd.demo.tiny import train_tokenizer, write_tiny_checkpoint  # noq
 from megatron_opd.parallel.local_group import run_local  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads and fork() do not mix
+pytest_plugins = ["tests.sglang_servers"]
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # GSM8K (MIT) as the workplace ships it, beside the checkout; its tests fail without it rather than skip.
@@ -49,62 +50,6 @@ def tiny_models(tmp_path_factory, tiny_tokenizer):
     return {family: write_tiny_checkpoint(str(root / family), family, seed=11, tokenizer=tiny_tokenizer)
             for family in FAMILIES}
 
-
-
-SGLANG_STUB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sglang_stub")
-# The shared server busy-polls a core while it lives: it stops after the teardown of the last test using it.
-SGLANG_FIXTURES = {"sglang_engine", "sglang_student"}
-_LAST_SGLANG_TEST = pytest.StashKey[str]()
-_SHARED_SGLANG = pytest.StashKey[object]()
-
-
-def sglang_config(**overrides):
-    """A CPU SGLang server: the FAKE kernel package on its PYTHONPATH only, a small KV cache, fp32."""
-    from megatron_opd.rollout.sglang_server import SGLangConfig
-
-    return SGLangConfig(**{"pythonpath": [SGLANG_STUB], "dtype": "float32", "max_total_tokens": 4096,
-                           "startup_timeout_s": 240, "request_timeout_s": 120, **overrides})
-
-
-@pytest.hookimpl(trylast=True)  # after deselection and any reordering: the items that will run, in order
-def pytest_collection_modifyitems(config, items):
-    users = [item.nodeid for item in items if SGLANG_FIXTURES & set(getattr(item, "fixturenames", ()))]
-    if users:
-        config.stash[_LAST_SGLANG_TEST] = users[-1]
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item, nextitem):
-    yield
-    if item.nodeid == item.config.stash.get(_LAST_SGLANG_TEST, None):
-        engine = item.config.stash.get(_SHARED_SGLANG, None)
-        if engine is not None:
-            engine.stop()
-
-
-@pytest.fixture(scope="session")
-def sglang_engine(tiny_models, tmp_path_factory, pytestconfig):
-    """One real SGLang server on the tiny Qwen2 student, shared by the rollout tests (~30 s to start)."""
-    from megatron_opd.rollout.sglang_engine import SGLangEngine
-
-    log = str(tmp_path_factory.mktemp("sglang") / "server.log")
-    engine = SGLangEngine(tiny_models["qwen2"], sglang_config(log_path=log))
-    engine.start()
-    pytestconfig.stash[_SHARED_SGLANG] = engine
-    yield engine
-    engine.stop()
-
-
-@pytest.fixture
-def sglang_student(sglang_engine, tiny_models):
-    """The shared server, serving the tiny Qwen2 student's own weights again (tests before may have pushed
-    others), through the tensor route."""
-    from safetensors.torch import load_file
-
-    original = load_file(os.path.join(tiny_models["qwen2"], "model.safetensors"))
-    sglang_engine.config.weight_sync = "tensor"
-    sglang_engine.update_weights(original.items(), sglang_engine.weight_version + 1)
-    return sglang_engine
 
 
 @pytest.fixture(scope="session")

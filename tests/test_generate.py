@@ -16,9 +16,8 @@ def opd_generate(*overrides):
     return done.stdout
 
 
-def test_generate_writes_scored_rows_usable_for_sft(distill_setup, tiny_tokenizer, tmp_path):
-    from tests.conftest import SGLANG_STUB
-
+def test_generate_writes_scored_rows_usable_for_sft(distill_setup, sglang_teacher, tiny_tokenizer, tmp_path):
+    """The SGLang run answers from the suite's server (rollout.url), which serves the same teacher's weights."""
     common = [f"model.path={distill_setup['teacher']}", f"data.val_files={distill_setup['test']}",
               "rollout.response_length=12"]
     local_out, sglang_out = tmp_path / "local.jsonl", tmp_path / "sglang.parquet"
@@ -27,8 +26,7 @@ def test_generate_writes_scored_rows_usable_for_sft(distill_setup, tiny_tokenize
     local = [json.loads(line) for line in open(local_out)]
     assert len(local) == 8 and all(set(row["reward_model"]) == {"style", "ground_truth"} for row in local)
     assert all(row["score"] in (0.0, 1.0) for row in local)
-    opd_generate(*common, f"output={sglang_out}", "rollout.engine=sglang", f"rollout.sglang.pythonpath=[{SGLANG_STUB}]",
-                 "rollout.sglang.dtype=float32", "rollout.sglang.max_total_tokens=4096")
+    opd_generate(*common, f"output={sglang_out}", "rollout.engine=sglang", f"rollout.url={sglang_teacher.server.url}")
     served = pq.read_table(sglang_out).to_pylist()
     assert [row["response"] for row in served] == [row["response"] for row in local]
     as_sft = PromptDataset(str(local_out), tiny_tokenizer, max_prompt_length=128, response_key="response")

@@ -16,7 +16,7 @@ from megatron_opd.models import load_arch
 from megatron_opd.rollout import weight_sync
 from megatron_opd.rollout.engine import (
     RolloutEngine, RolloutError, Sample, SamplingParams, ScoredSequence, StaleWeightsError)
-from megatron_opd.rollout.sglang_server import SGLangConfig, SGLangServer
+from megatron_opd.rollout.sglang_server import SGLangConfig, SGLangServer, ServerAt, ServerStartError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,11 +36,16 @@ def _copied_to_host(named_tensors: Iterable[tuple[str, torch.Tensor]], copies: l
 
 class SGLangEngine(RolloutEngine):
     def __init__(self, model_path: str, config: SGLangConfig, device: torch.device = torch.device("cpu"),
-                 keep_snapshot: Optional[bool] = None):
+                 keep_snapshot: Optional[bool] = None, url: Optional[str] = None, url_key: str = "rollout.url"):
+        """`url`: a server already running (named by the config key `url_key`), used and never started or
+        stopped; None: the engine starts its own from `model_path`."""
         if config.weight_sync == "distributed":
             weight_sync.DistributedSync.check_placement(device, config.base_gpu_id, config.tensor_parallel)
         self.model_path, self.config, self.device = model_path, config, device
-        self.server = SGLangServer(model_path, config, device)
+        self.server = SGLangServer(model_path, config, device) if url is None else ServerAt(url, config, url_key)
+        if url is not None and not self.server.healthy():
+            raise ServerStartError(f"{url_key}={url}: no SGLang server answers {self.server.url}/health; start one "
+                                   f"there, or set {url_key}=null to have rank 0 start one")
         self.weight_version = 0
         self.restarts = 0
         # The last pushed weights in host memory, to restore a restarted server: never a second model on the GPU.

@@ -1,6 +1,7 @@
 """An SGLang server as a child process on the run's device: launch with a free port, wait for health with a
 deadline (showing the log tail when start-up fails), stop, tell whether it is still alive. The server dies
-with the process that started it, even when that process is SIGKILLed."""
+with the process that started it, even when that process is SIGKILLed. Or one this run did not start
+(`ServerAt`: rollout.url, teacher.url), which it never starts or stops."""
 import functools
 import os
 import subprocess
@@ -78,6 +79,38 @@ class ServerStartError(RuntimeError):
     pass
 
 
+HEALTH_TIMEOUT_S = 5.0
+
+
+class ServerAt:
+    """A server this run did not start, in the place of an SGLangServer. The engine recovers from a lost
+    server by stop() then start(): here that leaves the server alone and waits (up to `startup_timeout_s`)
+    until it answers again, so the request is retried without a restart. `key`: the config key that names it."""
+
+    def __init__(self, url: str, config: SGLangConfig, key: str):
+        self.url, self.config, self.key = url.rstrip("/"), config, key
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(self.url + "/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def start(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"{self.key}={self.url}: the SGLang server stopped answering /health for "
+                                       f"{self.config.startup_timeout_s:.0f} s (its startup_timeout_s)")
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        pass
+
+    def log_tail(self, lines: int = 40) -> str:
+        return f"(the server at {self.key}={self.url} was not started by this run and keeps its own log)"
+
+
 class SGLangServer:
     def __init__(self, model_path: str, config: SGLangConfig, device: torch.device = torch.device("cpu")):
         self.model_path, self.config, self.device = model_path, config, device
@@ -151,7 +184,7 @@ class SGLangServer:
         if self.process is None or self.process.poll() is not None:
             return False
         try:
-            return requests.get(self.url + "/health", timeout=5).status_code == 200
+            return requests.get(self.url + "/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
         except requests.RequestException:
             return False
 

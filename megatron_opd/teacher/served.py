@@ -15,10 +15,8 @@ is why the config admits a served teacher only with divergences at temperature 1
 """
 import dataclasses
 import os
-import time
 from typing import Optional
 
-import requests
 import torch
 
 from checkpoint_tools.pretrained import is_hf_dir
@@ -27,54 +25,15 @@ from megatron_opd.loss.kinds import TOPK_KINDS
 from megatron_opd.parallel import ParallelDims
 from megatron_opd.rollout.engine import RolloutError, ScoredSequence
 from megatron_opd.rollout.sglang_engine import SGLangEngine
-from megatron_opd.rollout.sglang_server import SGLangConfig, ServerStartError
 from megatron_opd.teacher.interface import Teacher
 from megatron_opd.teacher.outputs import deliver, output_fields
 
 SERVER_LOG = "teacher_sglang.log"  # under trainer.save_dir unless teacher.sglang.log_path names one
-HEALTH_TIMEOUT_S = 5.0
-
-
-class ServerAt:
-    """A server this run did not start, in the place of the engine's SGLangServer. The engine recovers from a
-    lost server by stop() then start(): here that leaves the server alone and waits (up to
-    `startup_timeout_s`) until it answers again, so the request is retried without a restart."""
-
-    def __init__(self, url: str, config: SGLangConfig):
-        self.url, self.config = url.rstrip("/"), config
-
-    def healthy(self) -> bool:
-        try:
-            return requests.get(self.url + "/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def start(self) -> None:
-        deadline = time.monotonic() + self.config.startup_timeout_s
-        while not self.healthy():
-            if time.monotonic() > deadline:
-                raise ServerStartError(f"teacher.url={self.url}: the SGLang server stopped answering /health for "
-                                       f"{self.config.startup_timeout_s:.0f} s (teacher.sglang.startup_timeout_s)")
-            time.sleep(1.0)
-
-    def stop(self) -> None:
-        pass
-
-    def log_tail(self, lines: int = 40) -> str:
-        return f"(the server at teacher.url={self.url} was not started by this run and keeps its own log)"
 
 
 class TeacherEngine(SGLangEngine):
     """The rollout engine's scoring, request pool and recovery, for a model that never changes: a (re)started
     server serves the checkpoint it was started from, so nothing is named or pushed after a start."""
-
-    def __init__(self, model_path: str, config: SGLangConfig, device: torch.device, url: Optional[str] = None):
-        super().__init__(model_path, config, device)
-        if url is not None:
-            self.server = ServerAt(url, config)
-            if not self.server.healthy():
-                raise ServerStartError(f"teacher.url={url}: no SGLang server answers {self.server.url}/health; start "
-                                       f"one there, or set teacher.url=null to have rank 0 start one")
 
     def start(self) -> None:
         self.server.start()
@@ -111,7 +70,7 @@ class ServedTeacher(Teacher):
             config = teacher.sglang
             if config.log_path is None:
                 config = dataclasses.replace(config, log_path=os.path.join(cfg.trainer.save_dir, SERVER_LOG))
-            self.engine = TeacherEngine(teacher.path, config, student.device, teacher.url)
+            self.engine = TeacherEngine(teacher.path, config, student.device, url=teacher.url, url_key="teacher.url")
             # A position's top-k can hold at most this many padding ids, which the shared vocabulary drops.
             self.padding_rows = max(self.engine.model_vocab_size - vocab_size, 0)
             if teacher.url is None:

@@ -26,7 +26,7 @@ from megatron_opd.trainer import checkpoint
 from megatron_opd.trainer.objective import PARTS, LossInputs, Objective
 from megatron_opd.trainer.optim import optimizer_step
 from megatron_opd.trainer.preemption import Preemption
-from megatron_opd.trainer.rollouts import broadcast, step_samples
+from megatron_opd.trainer.rollouts import broadcast, dump_rollouts, step_samples
 from megatron_opd.trainer.setup import Run
 
 TIMINGS = ("gen", "teacher", "update_actor", "sync", "step")
@@ -161,6 +161,8 @@ class Trainer:
         samples = step_samples(run, cfg, step, run.next_items())
         metrics = samples.metrics
         gen_s = time.perf_counter() - started
+        if cfg.trainer.rollout_data_dir and run.dims.rank == 0:
+            dump_rollouts(cfg.trainer.rollout_data_dir, step + 1, samples, run.tokenizer)
         batch = samples.batch(run.pad_id, run.dims.device, cfg.parallel.sequence_multiple)
         if run.engine is not None:  # a colocated SGLang server frees its GPU memory for the update
             run.engine.sleep()

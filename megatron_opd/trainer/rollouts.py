@@ -2,6 +2,8 @@
 responses of the prompts it does not answer (actor.lmbda < 1, SFT mode); with the engine's log-prob of each
 sampled token (actor.policy_loss=pg) and, when `reward.fn` is set, each sample's task reward."""
 import itertools
+import json
+import os
 import random
 from dataclasses import dataclass
 from typing import Optional
@@ -9,6 +11,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_opd.atomic import write_text
 from megatron_opd.data.scorers import NO_REWARD, reward_function
 from megatron_opd.loss.policy_gradient import group_advantages
 from megatron_opd.models.batch import TokenBatch, build_batch
@@ -21,6 +24,7 @@ class StepSamples:
     on_policy: list  # per sequence: the student sampled it
     loss_masks: list  # per sequence: a 0/1 list over its response tokens, or None (every token)
     engine_logprobs: list  # per sequence: the engine's log-prob of each response token (pg), or None
+    rewards: Optional[list]  # per sequence, with reward.fn set: its task reward
     reward_advantages: Optional[list]  # per sequence, with reward.fn set: its reward minus its prompt's mean
     metrics: dict
 
@@ -57,7 +61,7 @@ def rewards_of(fn: str, items: list[dict], responses: list[str], n: int) -> list
 def given_responses(items: list[dict]) -> StepSamples:
     """SFT: the given response of each prompt."""
     return StepSamples([(item["input_ids"], item["response_ids"]) for item in items], [False] * len(items),
-                       [item.get("response_loss_mask") for item in items], [None] * len(items), None,
+                       [item.get("response_loss_mask") for item in items], [None] * len(items), None, None,
                        length_metrics(item["response_ids"] for item in items))
 
 
@@ -105,5 +109,21 @@ def step_samples(run, cfg, step: int, items: list[dict]) -> StepSamples:
         metrics["reward/mean"] = sum(rewards) / len(rewards)
         advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64, device=run.dims.device), n).tolist()
     masks = [None if i in own else item.get("response_loss_mask") for i, item in enumerate(items) for _ in range(n)]
-    return StepSamples(pairs, [i in own for i in range(len(items)) for _ in range(n)], masks, logprobs, advantages,
-                       metrics)
+    return StepSamples(pairs, [i in own for i in range(len(items)) for _ in range(n)], masks, logprobs, rewards,
+                       advantages, metrics)
+
+
+def dump_rollouts(directory: str, step: int, samples: StepSamples, tokenizer) -> None:
+    """trainer.rollout_data_dir: the sequences step `step` trains on, one JSON line each, in <directory>/<step>.jsonl
+    (the prompt's and response's ids and text, whether the student sampled it, its reward and advantage)."""
+    prompts = tokenizer.batch_decode([p for p, _ in samples.pairs], skip_special_tokens=False)
+    responses = tokenizer.batch_decode([r for _, r in samples.pairs], skip_special_tokens=False)
+    lines = []
+    for k, ((prompt_ids, response_ids), prompt, response) in enumerate(zip(samples.pairs, prompts, responses)):
+        lines.append(json.dumps({
+            "step": step, "sequence": k, "prompt_ids": list(prompt_ids), "response_ids": list(response_ids),
+            "prompt": prompt, "response": response, "on_policy": samples.on_policy[k],
+            "reward": samples.rewards[k] if samples.rewards is not None else None,
+            "reward_advantage": samples.reward_advantages[k] if samples.reward_advantages is not None else None}))
+    os.makedirs(directory, exist_ok=True)
+    write_text(os.path.join(directory, f"{step}.jsonl"), "".join(line + "\n" for line in lines))

@@ -146,7 +146,8 @@ class Run:
         if self.dims.rank != 0:
             return None
         dtype = torch.bfloat16 if self.student_dtype == "bfloat16" else torch.float32
-        engine = make_engine(cfg.rollout.engine, model_dir, cfg.rollout.sglang, dtype=dtype, device=self.dims.device)
+        engine = make_engine(cfg.rollout.engine, model_dir, cfg.rollout.sglang, dtype=dtype, device=self.dims.device,
+                             url=cfg.rollout.url)
         engine.start()
         return engine
 

@@ -13,7 +13,7 @@ from megatron_opd.rollout import weight_sync
 from megatron_opd.rollout.engine import RolloutError, SamplingParams
 from megatron_opd.rollout.sglang_engine import SGLangEngine
 from megatron_opd.rollout.sglang_server import SGLangConfig, SGLangServer
-from tests.conftest import sglang_config
+from tests.sglang_servers import sglang_config
 
 GPU = torch.device("cuda", 0)
 CPU = torch.device("cpu")

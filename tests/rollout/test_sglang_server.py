@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STARTER = """
 import sys
 from megatron_opd.rollout.sglang_server import SGLangServer
-from tests.conftest import sglang_config
+from tests.sglang_servers import sglang_config
 
 server = SGLangServer(sys.argv[1], sglang_config(log_path=sys.argv[2]))
 server.start()

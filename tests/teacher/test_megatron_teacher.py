@@ -1,27 +1,20 @@
 """A teacher in its own layout on the trainer's ranks equals the co-located one: with the student at TP=1,
 DP=2 on 2 processes, a teacher at TP=2 or at PP=2 gives the same loss and gradients for one update (1e-5)
-and the same 4-step curve through the CLI (rel 1e-3), for the full-vocabulary kind (hidden states routed
-to the student) and a top-k kind (per-token values routed). The pair is the tiny Qwen2.5-0.5B/7B look-alike:
+and the same 4-step curve (rel 1e-5), for the full-vocabulary kind (hidden states routed to the student) and
+a top-k kind (per-token values routed). The pair is the tiny Qwen2.5-0.5B/7B look-alike:
 padded vocabularies that differ, a tied student and an untied teacher, 14/2 against 28/4 heads."""
-import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megatron_opd.config import to_config
 from tests.conftest import distill_overrides, run_distributed
-from tests.trainer.test_config import composed
+from tests.runs import REL, composed, train
 
 LAYOUTS = {"co-located": (), "teacher_tp2": ("teacher.parallel.tensor=2",),
            "teacher_pp2": ("teacher.parallel.pipeline=2",)}
 KINDS = (("actor.kl_loss_type=reverse",), ("actor.kl_loss_type=topk_reverse", "actor.topk=8"))
-
-
-def pair_overrides(pair, save_dir, *extra):
-    return distill_overrides(pair, save_dir, "trainer.export_hf=false", *extra)
 
 
 def _one_update(rank, world_size, cfg):
@@ -51,7 +44,8 @@ def _one_update(rank, world_size, cfg):
 def test_one_update_equals_the_co_located_teachers(qwen_pair, tmp_path, kind):
     results = {}
     for name, layout in LAYOUTS.items():
-        cfg = to_config(composed(*pair_overrides(qwen_pair, tmp_path / name, *kind, *layout)))
+        cfg = to_config(composed(*distill_overrides(qwen_pair, tmp_path / name, "trainer.export_hf=false", *kind,
+                                                    *layout)))
         results[name] = run_distributed(_one_update, 2, cfg, timeout_s=600)
     for name in ("teacher_tp2", "teacher_pp2"):
         for rank, ((loss, grads), (rank_loss, rank_grads)) in enumerate(zip(results["co-located"], results[name])):
@@ -62,21 +56,13 @@ def test_one_update_equals_the_co_located_teachers(qwen_pair, tmp_path, kind):
                 assert err <= 1e-5 * max(grad.abs().max().item(), 1e-12), (name, rank, shard, err)
 
 
-def cli_curve(pair, save_dir, *extra):
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "megatron_opd.train", *pair_overrides(pair, save_dir, *extra)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
-    return [json.loads(line) for line in open(save_dir / "metrics.jsonl")]
-
-
-def test_curve_equals_the_co_located_teachers_through_the_cli(qwen_pair, tmp_path):
-    curves = {name: cli_curve(qwen_pair, tmp_path / name, "actor.kl_loss_type=reverse", *layout)
-              for name, layout in LAYOUTS.items()}
+def test_curve_equals_the_co_located_teachers(qwen_pair, tmp_path):
+    curves = {name: train(qwen_pair, tmp_path / name, "trainer.export_hf=false", "actor.kl_loss_type=reverse",
+                          *layout, world_size=2) for name, layout in LAYOUTS.items()}
     kl = {name: [line["actor/kl_loss"] for line in curve] for name, curve in curves.items()}
     assert len(kl["co-located"]) == 4
     for name in ("teacher_tp2", "teacher_pp2"):
-        assert kl[name] == pytest.approx(kl["co-located"], rel=1e-3), name
+        assert kl[name] == pytest.approx(kl["co-located"], rel=REL), name
         # A 2-way teacher DP=1 holds every sequence; half of them go to the other student DP rank.
         hidden_bytes = 224 * torch.finfo(torch.float32).bits // 8
         assert curves[name][0]["teacher/bytes_moved_per_token"] == pytest.approx(hidden_bytes / 2), name

@@ -4,8 +4,10 @@ while SGLang ignores a request's temperature when scoring; a training curve with
 the co-located one; refused configurations name their key; a server at teacher.url is used, never started
 or stopped; a server rank 0 started is restarted when it dies and stopped by close().
 
-One server for the module: a ServedTeacher built in this process as rank 0 of a one-process run starts it
-(a forked worker's server would die with the worker); the workers reach it through teacher.url."""
+The scores and curves come from the suite's shared server (tests/sglang_servers.py) serving the teacher's
+weights, which the workers reach through teacher.url. The restart and the stop need a server a ServedTeacher
+started itself: one built in this process as rank 0 of a one-process run (a forked worker's server would die
+with the worker)."""
 import os
 import signal
 import socket
@@ -16,10 +18,11 @@ import requests
 import torch
 
 from megatron_opd.parallel import ParallelConfig, ParallelDims
-from megatron_opd.rollout.sglang_server import ServerStartError
-from megatron_opd.teacher.served import ServedTeacher, ServerAt
+from megatron_opd.rollout.sglang_server import ServerAt, ServerStartError
+from megatron_opd.teacher.served import ServedTeacher
 from megatron_opd.config import ConfigError, to_config
-from tests.conftest import SGLANG_STUB, distill_overrides, fixed_data, run_distributed
+from tests.conftest import distill_overrides, fixed_data, run_distributed
+from tests.sglang_servers import SGLANG_STUB, served_by
 from tests.trainer.test_config import composed
 from tests.trainer.test_loop import kl_curve, train
 
@@ -84,7 +87,7 @@ def test_a_converted_checkpoint_or_a_silent_url_stops_start_up(distill_setup, tm
             ServedTeacher(served_config(distill_setup, tmp_path, f"teacher.url={url}"), this_process_as_rank_0(), VOCAB)
         cfg.teacher.sglang.startup_timeout_s = 1.0
         with pytest.raises(ServerStartError, match="stopped answering /health for 1 s"):
-            ServerAt(url, cfg.teacher.sglang).start()  # how a lost request's retry waits, bounded
+            ServerAt(url, cfg.teacher.sglang, "teacher.url").start()  # how a lost request's retry waits, bounded
 
 
 SAMPLES = [([5, 17, 42, 99, 7], [250, 3, 18, 77, 101, 12]), ([9, 33, 61, 120, 200, 8, 14], [15, 160, 70]),
@@ -144,9 +147,9 @@ def sorted_by_id(outputs):
 
 
 @pytest.fixture(scope="module")
-def both_teachers(started, distill_setup, tmp_path_factory):
+def both_teachers(sglang_engine, distill_setup, tmp_path_factory):
     root = tmp_path_factory.mktemp("both")
-    url = f"teacher.url={started.url}"
+    url = f"teacher.url={served_by(sglang_engine, distill_setup['teacher']).server.url}"
     return run_distributed(_both_teachers, 1, served_config(distill_setup, root / "sampled", *SAMPLED, url),
                            served_config(distill_setup, root / "topk", *TOP_K, url))[0]
 
@@ -196,26 +199,27 @@ def test_sglang_scores_at_temperature_one_whatever_the_request_says(both_teacher
     assert (asked_half - at_half).abs().max().item() > 0.1
 
 
-def test_a_server_at_teacher_url_is_used_and_left_running(started, distill_setup, tmp_path):
+def test_a_server_at_teacher_url_is_used_and_left_running(sglang_teacher, distill_setup, tmp_path):
     children = {p.pid for p in psutil.Process().children(recursive=True)}
-    teacher = ServedTeacher(served_config(distill_setup, tmp_path, f"teacher.url={started.url}"),
+    teacher = ServedTeacher(served_config(distill_setup, tmp_path, f"teacher.url={sglang_teacher.server.url}"),
                             this_process_as_rank_0(), VOCAB)
     assert {p.pid for p in psutil.Process().children(recursive=True)} == children  # no second server
     sequence = SAMPLES[0][0] + SAMPLES[0][1]
-    assert teacher.engine.score([sequence])[0].token_logprobs == started.engine.score([sequence])[0].token_logprobs
+    assert teacher.engine.score([sequence])[0].token_logprobs == sglang_teacher.score([sequence])[0].token_logprobs
     teacher.close()
     teacher.close()
-    assert started.engine.healthy() and teacher.url is None
+    assert sglang_teacher.healthy() and teacher.url is None
 
 
 CURVE_RUN = ("trainer.total_steps=4",)
 
 
 @pytest.mark.parametrize("kind, world", [(SAMPLED, 1), (TOP_K, 2)], ids=["low_var_kl", "topk_reverse_dp2"])
-def test_curve_with_the_served_teacher_equals_the_co_located_ones(started, distill_setup, tmp_path, kind, world):
+def test_curve_with_the_served_teacher_equals_the_co_located_ones(sglang_teacher, distill_setup, tmp_path, kind,
+                                                                  world):
     common = (*fixed_data(distill_setup), *CURVE_RUN, *kind, "actor.kl_temperature=1.0", "trainer.export_hf=false")
     co_located = train(distill_setup, tmp_path / "megatron", *common, world_size=world)
-    served = train(distill_setup, tmp_path / "sglang", *common, *SERVED, f"teacher.url={started.url}",
+    served = train(distill_setup, tmp_path / "sglang", *common, *SERVED, f"teacher.url={sglang_teacher.server.url}",
                    world_size=world)
     gaps = [abs(s - m) / abs(m) for s, m in zip(kl_curve(served), kl_curve(co_located))]
     print(f"{kind[0]} x {world}: co-located {kl_curve(co_located)}, served {kl_curve(served)}, max rel gap "

@@ -8,6 +8,7 @@ import pytest
 
 from megatron_opd.config import to_config
 from tests.conftest import distill_overrides, fixed_data, mean_falls, run_distributed
+from tests.sglang_servers import rollout_at
 from tests.trainer.test_config import composed
 
 
@@ -138,15 +139,13 @@ def test_sinks_write_their_files(tp1_history, distill_setup, tmp_path):
 
 
 @pytest.mark.parametrize("layout, world", [("parallel.tensor=1", 1), ("parallel.tensor=2", 2)], ids=["tp1", "tp2"])
-def test_sglang_engine_drives_the_loop(qwen_pair, tmp_path, layout, world):
+def test_sglang_engine_drives_the_loop(qwen_pair, sglang_pair_server, tmp_path, layout, world):
     """On the Qwen2.5-like pair, whose student has 20 padding rows past its 300 tokens: SGLang must not sample
-    them (the trainer stops on a sampled padding id), which the logit bias it is given sees to."""
-    from tests.conftest import SGLANG_STUB
-
-    history = train(qwen_pair, tmp_path, *fixed_data(qwen_pair), "rollout.engine=sglang",
-                    f"rollout.sglang.pythonpath=[{SGLANG_STUB}]",
-                    "rollout.sglang.dtype=float32", "rollout.sglang.max_total_tokens=4096", "trainer.total_steps=8",
-                    "actor.optim.lr=3e-3", "actor.kl_loss_type=reverse", layout, world_size=world)
+    them (the trainer stops on a sampled padding id), which the logit bias it is given sees to. The server is
+    the suite's, at rollout.url; the run pushes the student's weights to it at its start."""
+    history = train(qwen_pair, tmp_path, *fixed_data(qwen_pair), *rollout_at(sglang_pair_server),
+                    "trainer.total_steps=8", "actor.optim.lr=3e-3", "actor.kl_loss_type=reverse", layout,
+                    world_size=world)
     curve = kl_curve(history)
     # SGLang samples with its own RNG, so its curve is its own: means over its ends, of the full-vocabulary KL
     # (a single-sample estimate is too noisy for 8 steps). Measured: 0.265 -> 0.041, as the embedded engine.

@@ -8,6 +8,7 @@ import sys
 import time
 
 from tests.conftest import distill_overrides
+from tests.runs import train
 
 STEPS = 8
 
@@ -15,6 +16,10 @@ STEPS = 8
 def command(setup, save_dir):
     return [sys.executable, "-m", "megatron_opd.train",
             *distill_overrides(setup, save_dir, f"trainer.total_steps={STEPS}", "trainer.save_freq=2")]
+
+
+# One thread, as the in-process workers (tests/runs.py) compute: other thread counts sum in other orders.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def last_metrics_per_step(save_dir):
@@ -26,14 +31,14 @@ def last_metrics_per_step(save_dir):
 
 
 def test_kill_and_resume_continues_exactly(distill_setup, tmp_path):
-    straight = tmp_path / "straight"
-    subprocess.run(command(distill_setup, straight), check=True, capture_output=True, timeout=300)
+    straight = tmp_path / "straight"  # the uninterrupted run, in process (tests/runs.py)
+    train(distill_setup, straight, f"trainer.total_steps={STEPS}", "trainer.save_freq=2")
     reference = last_metrics_per_step(straight)
     assert sorted(reference) == list(range(1, STEPS + 1))
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(command(distill_setup, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+                               env=ONE_THREAD, start_new_session=True)
     latest = killed / "latest"
     deadline = time.monotonic() + 240
     while not (latest.exists() and latest.read_text() == "step_000002"):
@@ -46,7 +51,7 @@ def test_kill_and_resume_continues_exactly(distill_setup, tmp_path):
     kept = killed / latest.read_text()
     assert (kept / "model" / "metadata.json").is_file() and (kept / "extra_rank0.pt").is_file()
 
-    subprocess.run(command(distill_setup, killed), check=True, capture_output=True, timeout=300)
+    subprocess.run(command(distill_setup, killed), check=True, capture_output=True, timeout=300, env=ONE_THREAD)
     resumed = last_metrics_per_step(killed)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(3, STEPS + 1):
@@ -57,13 +62,12 @@ def test_kill_and_resume_continues_exactly(distill_setup, tmp_path):
 def test_a_metrics_line_lost_after_its_checkpoint_comes_back_from_it(distill_setup, tmp_path):
     """A kill between a step's checkpoint and its metrics line (here: the line removed by hand after a stop at
     step 2) loses nothing: the resumed run restores the line from the checkpoint and logs each step once."""
-    base = [sys.executable, "-m", "megatron_opd.train",
-            *distill_overrides(distill_setup, tmp_path, "trainer.total_steps=3", "trainer.export_hf=false")]
-    subprocess.run(base + ["trainer.exit_interval=2"], check=True, capture_output=True, timeout=300)
+    base = ("trainer.total_steps=3", "trainer.export_hf=false")
+    train(distill_setup, tmp_path, *base, "trainer.exit_interval=2")
     metrics = tmp_path / "metrics.jsonl"
     first, second = metrics.read_text().splitlines()
     metrics.write_text(first + "\n")
-    subprocess.run(base, check=True, capture_output=True, timeout=300)
+    train(distill_setup, tmp_path, *base)
     lines = metrics.read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     assert json.loads(lines[1]) == json.loads(second)
