@@ -23,8 +23,11 @@ def _check_readable(path: str) -> None:
         raise DataError(path, "no such file", fix="check data.train_files / data.val_files")
     if not os.path.isfile(path):
         raise DataError(path, "not a regular file", fix="list the data files themselves, not a directory")
-    if not os.access(path, os.R_OK):
-        raise DataError(path, "permission denied", fix="make the file readable by this user")
+    try:  # opened, not os.access: that asks about the real user, and root passes it whatever the mode
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise DataError(path, "permission denied", fix="make the file readable by this user") from None
     if os.path.getsize(path) == 0:
         raise DataError(path, "the file is empty (0 bytes)", fix="rerun the preprocessing that wrote it")
 

@@ -1,11 +1,11 @@
 import json
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from megatron_opd.data.schema import ROW_SCHEMA, DataError, make_row, write_rows
+from megatron_opd.data import sources
 from megatron_opd.data.sources import JsonlSource, ParquetSource, open_source
 
 
@@ -146,11 +146,17 @@ def test_unreadable_files(tmp_path, name, problem):
     assert error.path == str(path) and problem in str(error)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_permission_denied(tmp_path):
-    write_rows(tmp_path / "h.parquet", rows(1))
-    os.chmod(tmp_path / "h.parquet", 0)
-    assert "permission denied" in str(error_of(str(tmp_path / "h.parquet")))
+@pytest.mark.parametrize("name", ["h.parquet", "h.jsonl"])
+def test_permission_denied(tmp_path, monkeypatch, name):
+    """As the OS answers a user without read permission; root reads whatever the mode, so open() says so here."""
+    write_rows(tmp_path / name, rows(1))
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(sources, "open", denied, raising=False)
+    error = error_of(str(tmp_path / name))
+    assert error.path == str(tmp_path / name) and "permission denied" in str(error)
 
 
 def test_unsupported_extension(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from tests.launch.helpers import metric_steps, metric_values, tail, tiny_overrides
 from tests.launch.slurm_jobs import job_log, submit, wait_job
+from tests.runs import REL
 
 STEPS = 4  # the tiny run's trainer.total_steps
 RUN_TIMEOUT_S = 240  # a tiny run takes ~25-50 s here, most of it start-up
@@ -62,7 +63,7 @@ def test_two_nodes_data_parallel_equals_one_node(slurm_two_node_cluster, distill
     assert_finished(run, nodes=2, procs_per_node=1)
     two_nodes = metric_values(run.save / "metrics.jsonl", "actor/kl_loss")
     one_node = metric_values(one_node_data_parallel.save / "metrics.jsonl", "actor/kl_loss")
-    assert two_nodes == pytest.approx(one_node, rel=1e-3), (two_nodes, one_node)
+    assert two_nodes == pytest.approx(one_node, rel=REL), (two_nodes, one_node)
 
 
 def test_two_nodes_tensor_parallel(slurm_two_node_cluster, distill_setup, tmp_path):

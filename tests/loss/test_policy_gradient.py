@@ -106,6 +106,30 @@ def test_a_known_engine_shift_is_measured_and_corrected():
     assert not torch.allclose(uncorrected, corrected, atol=1e-3)
 
 
+# Ratios pi / pi_old below, inside and above the band [0.8, 1.2] (clip_ratio 0.2), and by hand, per sign of the
+# advantage: the ratio the surrogate uses and where the clip acts. A > 0: min(r A, clip(r) A) clips r above 1.2;
+# A < 0: it clips r below 0.8.
+CLIP_RATIOS = [0.5, 0.85, 1.0, 1.15, 1.5]
+BY_HAND = {1.0: ([0.5, 0.85, 1.0, 1.15, 1.2], [False, False, False, False, True]),
+           -1.0: ([0.8, 0.85, 1.0, 1.15, 1.5], [True, False, False, False, False])}
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["positive", "negative"])
+def test_ppo_clip_bounds_the_ratio_and_stops_the_gradient_where_it_acts(sign):
+    old = torch.randn(1, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logprobs = (old + torch.tensor([CLIP_RATIOS], dtype=torch.float64).log()).requires_grad_()
+    advantages = sign * torch.tensor([[0.7, 1.3, 0.4, 2.0, 0.9]], dtype=torch.float64)
+    per_token, clipped = clipped_surrogate(logprobs, old, advantages, clip_ratio=0.2)
+    used, active = torch.tensor([BY_HAND[sign][0]], dtype=torch.float64), torch.tensor([BY_HAND[sign][1]])
+    assert torch.allclose(per_token, -used * advantages, rtol=1e-12, atol=0)
+    assert torch.equal(clipped, active)
+    (grad,) = torch.autograd.grad(per_token.sum(), logprobs)
+    # d/d log pi of -r A is -r A where the ratio is free; exactly 0 where the clip holds it
+    expected = torch.where(active, 0.0, -torch.tensor([CLIP_RATIOS], dtype=torch.float64) * advantages)
+    assert torch.equal(grad[active], torch.zeros_like(grad[active]))
+    assert torch.allclose(grad, expected, rtol=1e-12, atol=0)
+
+
 def test_discounted_sums_and_group_baselines():
     values, mask = torch.tensor([[9.0, 1.0, 2.0, 3.0, 7.0]]), torch.tensor([[0, 1, 1, 1, 0]])
     assert discounted_sums(values, mask, 0.5).tolist() == [[0.0, 1 + 0.5 * (2 + 0.5 * 3), 2 + 0.5 * 3, 3.0, 0.0]]

@@ -10,7 +10,7 @@ import torch
 from megatron_opd.models.batch import build_batch, response_loss_mask
 from megatron_opd.config import to_config
 from tests.conftest import distill_overrides, run_distributed
-from tests.trainer.test_config import composed
+from tests.runs import composed
 
 CPU = torch.device("cpu")
 

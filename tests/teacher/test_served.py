@@ -17,14 +17,13 @@ import pytest
 import requests
 import torch
 
+from megatron_opd.config import ConfigError, to_config
 from megatron_opd.parallel import ParallelConfig, ParallelDims
 from megatron_opd.rollout.sglang_server import ServerAt, ServerStartError
 from megatron_opd.teacher.served import ServedTeacher
-from megatron_opd.config import ConfigError, to_config
 from tests.conftest import distill_overrides, fixed_data, run_distributed
+from tests.runs import composed, kl_curve, train
 from tests.sglang_servers import SGLANG_STUB, served_by
-from tests.trainer.test_config import composed
-from tests.trainer.test_loop import kl_curve, train
 
 VOCAB = 300  # the tiny tokenizer's length, and the teacher's configured vocabulary
 TOPK = 8

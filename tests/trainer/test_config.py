@@ -5,18 +5,12 @@ import sys
 import time
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from megatron_opd.train import CONFIG_DIR
 from megatron_opd.config import ConfigError, OPDConfig, to_config
 from megatron_opd.trainer.setup import check_layout_and_vocab
 from tests.conftest import distill_overrides
-
-
-def composed(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name="distillation_trainer", overrides=list(overrides))
+from tests.runs import composed
 
 
 def test_yaml_adds_no_defaults_of_its_own():

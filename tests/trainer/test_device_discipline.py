@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from megatron_opd.parallel import cpu_compat
 from megatron_opd.config import to_config
 from tests.conftest import distill_overrides, run_distributed
-from tests.trainer.test_config import composed
+from tests.runs import composed
 
 FACTORIES = {torch.tensor, torch.as_tensor, torch.scalar_tensor, torch.zeros, torch.ones, torch.full, torch.empty,
              torch.empty_strided, torch.arange, torch.linspace, torch.logspace, torch.eye, torch.rand, torch.randn,

@@ -104,9 +104,10 @@ def pg_loss(student, teacher, labels, engine_shift, reward_coef=0.7, **actor):
     return loss, metrics, torch.autograd.grad(loss, (hidden, weight))
 
 
-def pg_reference(student, teacher, labels, discount, row_weights, reward_coef=0.7):
+def pg_reference(student, teacher, labels, discount, weights, reward_coef=0.7):
     """-sum_t w_t A_t exp(lp_t - sg(lp_t)) / tokens, A_t the reverse KL of the sampled tokens (summed over later
-    ones at `discount`) times -1.3, plus reward_coef x the row's reward advantage."""
+    ones at `discount`) times -1.3, plus reward_coef x the row's reward advantage; `weights` [2, 1] per row or
+    [2, 5] per token."""
     hidden, weight = (t.clone().requires_grad_() for t in student)
     pick = lambda h, w: reference.log_softmax(h @ w.T, VOCAB, TAU).gather(-1, labels[..., None])[..., 0]  # noqa: E731
     lp, lt = pick(hidden, weight), pick(*teacher)
@@ -117,7 +118,7 @@ def pg_reference(student, teacher, labels, discount, row_weights, reward_coef=0.
             later = advantages[row, t + 1] if t < 4 else 0.0
             advantages[row, t] = (kl[row][t] + discount * later) * MASK[row, t]
     advantages = advantages + reward_coef * REWARD_ADVANTAGES[:, None] * MASK
-    loss = -(row_weights[:, None] * advantages * torch.exp(lp - lp.detach()) * MASK).sum() / MASK.sum()
+    loss = -(weights * advantages * torch.exp(lp - lp.detach()) * MASK).sum() / MASK.sum()
     return loss, torch.autograd.grad(loss, (hidden, weight)), advantages
 
 
@@ -125,7 +126,7 @@ def pg_reference(student, teacher, labels, discount, row_weights, reward_coef=0.
 def test_pg_loss_is_the_advantage_weighted_log_prob_gradient(discount):
     student, teacher, labels = setup()
     loss, metrics, grads = pg_loss(student, teacher, labels, torch.zeros(2, 1), kl_discount=discount, is_cap=2.0)
-    want, want_grads, advantages = pg_reference(student, teacher, labels, discount, torch.ones(2))
+    want, want_grads, advantages = pg_reference(student, teacher, labels, discount, torch.ones(2, 1))
     assert loss.item() == pytest.approx(want.item(), rel=1e-10)
     assert all(torch.allclose(g, w, rtol=1e-9, atol=1e-12) for g, w in zip(grads, want_grads))
     assert metrics["actor/advantage_mean"].item() == pytest.approx((advantages * MASK).sum().item() / 6, rel=1e-10)
@@ -141,14 +142,35 @@ def test_pg_loss_measures_and_corrects_a_forced_engine_shift():
     _, metrics, grads = pg_loss(student, teacher, labels, shift, is_cap=2.0)
     assert metrics["mismatch/ratio_mean"].item() == pytest.approx((3 * math.exp(-0.5) + 3) / 6, rel=1e-6)
     assert metrics["mismatch/kl_engine_trainer"].item() == pytest.approx(0.5 * 3 / 6, rel=1e-6)
-    _, want_grads, _ = pg_reference(student, teacher, labels, 0.0, torch.tensor([math.exp(-0.5), 1.0]))
+    _, want_grads, _ = pg_reference(student, teacher, labels, 0.0, torch.tensor([[math.exp(-0.5)], [1.0]]))
     assert all(torch.allclose(g, w, rtol=1e-6, atol=1e-9) for g, w in zip(grads, want_grads))
     _, measured, uncorrected = pg_loss(student, teacher, labels, shift)  # is_cap null: measured, not applied
     assert measured["mismatch/ratio_mean"] == metrics["mismatch/ratio_mean"]
-    _, plain, _ = pg_reference(student, teacher, labels, 0.0, torch.ones(2))
+    _, plain, _ = pg_reference(student, teacher, labels, 0.0, torch.ones(2, 1))
     assert all(torch.allclose(g, w, rtol=1e-9, atol=1e-12) for g, w in zip(uncorrected, plain))
     _, masked, _ = pg_loss(student, teacher, labels, torch.tensor([[2.0], [0.0]]), is_cap=2.0, is_mode="mask")
     assert masked["mismatch/changed_fraction"].item() == pytest.approx(0.5)  # row 0's ratio e^-2 < 1/2: dropped
+
+
+# Per response token (MASK), the trainer/engine ratio the engine's log-probs give: above the cap of 2, inside the
+# band [1/2, 2], below 1/2; and the importance weights each mode makes of them, by hand.
+RATIOS = torch.tensor([[1.0, 3.0, 1.5, 1.0, 1.0], [1.0, 1.0, 0.2, 0.8, 2.5]], dtype=torch.float64)
+IS_WEIGHTS = {"truncate": [[0, 2.0, 1.5, 1.0, 0], [0, 0, 0.2, 0.8, 2.0]],
+              "mask": [[0, 0.0, 1.5, 1.0, 0], [0, 0, 0.0, 0.8, 0.0]]}
+
+
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_pg_loss_truncates_or_masks_importance_weights_at_the_cap(mode):
+    """is_cap=2: a token whose ratio is above the cap counts with the cap (truncate) or not at all (mask, which
+    also drops a ratio below 1/2); the loss and its gradients equal the reference with those weights."""
+    student, teacher, labels = setup()
+    loss, metrics, grads = pg_loss(student, teacher, labels, -RATIOS.log(), is_cap=2.0, is_mode=mode)
+    want, want_grads, _ = pg_reference(student, teacher, labels, 0.0, torch.tensor(IS_WEIGHTS[mode],
+                                                                                    dtype=torch.float64))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-9)
+    assert all(torch.allclose(g, w, rtol=1e-8, atol=1e-12) for g, w in zip(grads, want_grads))
+    assert metrics["mismatch/ratio_max"].item() == pytest.approx(3.0)
+    assert metrics["mismatch/changed_fraction"].item() == pytest.approx({"truncate": 2 / 6, "mask": 3 / 6}[mode])
 
 
 def test_pg_teacher_equal_to_student_without_reward_gives_zero_advantage_and_gradient():

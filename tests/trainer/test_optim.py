@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from megatron_opd.demo.tiny import write_tiny_checkpoint
 from megatron_opd.config import to_config
 from tests.conftest import distill_overrides, run_distributed
-from tests.trainer.test_config import composed
+from tests.runs import composed
 
 
 def _train(rank, world_size, cfg):

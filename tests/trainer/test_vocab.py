@@ -12,7 +12,7 @@ from megatron_opd.config import ConfigError, to_config
 from megatron_opd.trainer.setup import check_layout_and_vocab
 from megatron_opd.trainer.vocab import load_tokenizer, shared_vocab_size
 from tests.conftest import distill_overrides
-from tests.trainer.test_config import composed
+from tests.runs import composed
 
 
 def check(pair, tmp_path, teacher=None):
