@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from megatron_opd.parallel.device import HOST
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # The HF metadata files carried along with the weights (tokenizer, configs, chat template).
@@ -78,9 +80,9 @@ class SafetensorsReader:
         path, entry, data_start = self._entries[name]
         begin, end = entry["data_offsets"]
         # Host memory: the file is read into it; the loader copies each tensor to its parameter's device.
-        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]], device="cpu")
+        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]], device=HOST)
         buffer = (tensor.view(-1).view(torch.uint8) if tensor.numel()
-                  else torch.empty(0, dtype=torch.uint8, device="cpu"))
+                  else torch.empty(0, dtype=torch.uint8, device=HOST))
         if buffer.numel() != end - begin:
             raise CheckpointFileError(f"{path}: {name} holds {end - begin} bytes for shape {entry['shape']}")
         with open(path, "rb") as f:

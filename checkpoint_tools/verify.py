@@ -5,7 +5,7 @@ import torch
 
 from checkpoint_tools.pretrained import load_pretrained
 from megatron_opd.models.forward import full_logits
-from megatron_opd.parallel import ParallelConfig, initialize_model_parallel
+from megatron_opd.parallel import HOST, ParallelConfig, initialize_model_parallel
 from megatron_opd.parallel.local_group import run_local
 
 
@@ -19,7 +19,7 @@ class Parity:
 
 
 def sample_tokens(vocab_size: int, batch: int = 2, seq: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed), device="cpu")
+    return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed), device=HOST)
 
 
 @torch.no_grad()

@@ -11,6 +11,9 @@ import warnings
 import torch
 
 DEVICE_KINDS = ("auto", "cuda", "cpu")
+# Host memory, named where a tensor belongs there whatever the run's device: data staged before one copy to the
+# device, state torch keeps on the host (Adam's step, RNG states), weights read from files.
+HOST = torch.device("cpu")
 
 
 class DeviceError(RuntimeError):

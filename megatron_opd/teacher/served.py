@@ -22,7 +22,7 @@ import torch
 from checkpoint_tools.pretrained import is_hf_dir
 from megatron_opd.config import ConfigError
 from megatron_opd.loss.kinds import TOPK_KINDS
-from megatron_opd.parallel import ParallelDims
+from megatron_opd.parallel import HOST, ParallelDims
 from megatron_opd.rollout.engine import RolloutError, ScoredSequence
 from megatron_opd.rollout.sglang_engine import SGLangEngine
 from megatron_opd.teacher.interface import Teacher
@@ -96,7 +96,7 @@ class ServedTeacher(Teacher):
         """Rank 0: every sequence's values [B, length, ...] (zeros from its last token on)."""
         sequences = [list(prompt) + list(response) for prompt, response in samples]
         # Filled from the server's lists in host memory, then moved to the run's device in one copy.
-        rows = {name: torch.zeros((len(sequences), length, *shape), dtype=dtype, device="cpu")
+        rows = {name: torch.zeros((len(sequences), length, *shape), dtype=dtype, device=HOST)
                 for name, (shape, dtype) in self.fields.items()}
         for row, scored in enumerate(self._scored(sequences)):
             # Position t holds the log-prob of token t + 1 (SGLang's input_token_logprobs after its first entry).
@@ -104,10 +104,10 @@ class ServedTeacher(Teacher):
             if self.top_k:
                 ids, logprobs = shared_vocab_topk(scored, self.top_k, self.vocab_size)
                 rows["topk_ids"][row, :scored_positions] = torch.tensor(ids, dtype=torch.long,
-                                                                        device="cpu").reshape(-1, self.top_k)
-                rows["topk_logprobs"][row, :scored_positions] = torch.tensor(logprobs, device="cpu").reshape(-1, self.top_k)
+                                                                        device=HOST).reshape(-1, self.top_k)
+                rows["topk_logprobs"][row, :scored_positions] = torch.tensor(logprobs, device=HOST).reshape(-1, self.top_k)
             else:
-                rows["logprobs"][row, :scored_positions] = torch.tensor(scored.token_logprobs, device="cpu")
+                rows["logprobs"][row, :scored_positions] = torch.tensor(scored.token_logprobs, device=HOST)
         return {name: value.to(self.student.device) for name, value in rows.items()}
 
     def outputs(self, samples, batch, student_micro_batches: list) -> list:

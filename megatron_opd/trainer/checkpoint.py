@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megatron_opd.atomic import write_text
 from megatron_opd.models.sharded_checkpoint import check_loaded_state, use_forked_writer_queue
-from megatron_opd.parallel import ParallelDims
+from megatron_opd.parallel import HOST, ParallelDims
 
 LATEST = "latest"
 LAYOUT = "layout.json"
@@ -48,7 +48,7 @@ def rng_state() -> dict:
 
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     # Plain containers and tensors only, so the file loads with torch.load(weights_only=True).
-    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+    return {"python": random.getstate(), "numpy": (kind, torch.as_tensor(keys.copy(), device=HOST), pos, has_gauss, gauss),
             "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
 
 
@@ -141,7 +141,7 @@ def _prime_adam_state(optimizer) -> None:
         for group in adam.param_groups:
             for param in group["params"]:
                 if not adam.state[param]:
-                    adam.state[param] = {"step": torch.zeros((), dtype=torch.float32, device="cpu"),
+                    adam.state[param] = {"step": torch.zeros((), dtype=torch.float32, device=HOST),
                                          "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
 
 
@@ -151,7 +151,7 @@ def _restore_adam_steps(optimizer) -> None:
     for adam in _torch_adams(optimizer):
         for group in adam.param_groups:
             for param in group["params"]:
-                adam.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32, device="cpu")
+                adam.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32, device=HOST)
 
 
 @torch.no_grad()  # the optimizer load copies into views of the (leaf) parameters
