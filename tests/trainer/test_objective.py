@@ -64,6 +64,24 @@ def test_both_sides_enter_at_the_divergence_temperature(kind):
     assert torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-9), kind
 
 
+@pytest.mark.parametrize("kind, base", [("k3+", "low_var_kl"), ("low_var_kl+", "k3"), ("k1+", "kl"), ("abs+", "abs")])
+def test_straight_through_kinds_take_the_estimators_value_and_k2s_gradient(kind, base):
+    """verl's "+" kinds, reachable from actor.kl_loss_type: the value of the base estimator, the gradient of k2
+    (= mse), w.r.t. the student's hidden states and output layer."""
+    student, teacher, labels = setup()
+
+    def value_and_grads(name):
+        hidden, weight = (t.clone().requires_grad_() for t in student)
+        per_token = kl(name, (hidden, weight), teacher, labels, TAU)
+        return per_token.detach(), torch.autograd.grad(per_token.sum(), (hidden, weight))
+
+    ActorConfig(kl_loss_type=kind)  # the config takes it
+    value, grads = value_and_grads(kind)
+    assert torch.equal(value, value_and_grads(base)[0])
+    assert all(torch.allclose(g, w, rtol=1e-12, atol=0) for g, w in zip(grads, value_and_grads("mse")[1]))
+    assert not torch.allclose(grads[0], value_and_grads(base)[1][0])
+
+
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd", "kl", "low_var_kl", "topk_reverse"])
 def test_teacher_equal_to_student_gives_zero_at_any_temperature(kind):
     student, _, labels = setup()
