@@ -201,9 +201,12 @@ class LocalSlurm:
             "JobCompType=jobcomp/none", "MailProg=/bin/true",
             "SlurmctldTimeout=30", "SlurmdTimeout=30", "InactiveLimit=0",
             # The SIGTERM-to-SIGKILL window in which a trainer ended by SLURM saves its checkpoint (the default).
+            # It is never waited out: the job ends when the trainer exits, ~5-10 s after the signal here.
             "KillWait=30",
-            # Finished jobs stay visible to scontrol for the tests' checks.
-            "MinJobAge=600",
+            # sbatch --wait polls at 2 s, then 8 s, then 32 s while its interval is below MinJobAge / 2 (so that
+            # a job is not purged between two polls): at 5 it stays at 2 s. A finished job stays visible to
+            # scontrol for 5 s at least (slurmctld purges once a minute); the tests follow a job every 0.2 s.
+            "MinJobAge=5",
             # Trust this file over slurmd's hardware probe (a container's CPU count may differ).
             "SlurmdParameters=config_overrides",
             # Simulated nodes each claim the whole machine, as the nodes of a real cluster each have their own.

@@ -9,7 +9,9 @@ from tests.launch.helpers import REPO, metric_steps, tail, tiny_overrides, wait_
 from tests.launch.slurm_jobs import DISTILL_SCRIPT, FINAL_STATES, job_env, job_info, job_log, submit, wait_job
 
 PROCS_PER_NODE = 2
-PREEMPT_STEPS = 24  # ~0.45 s a step at TP=2 on 2 cores: both stop requests land well before the end
+# ~0.45 s a step at TP=2 on 2 cores: the second stop request comes 2 steps after the first restart (step ~3),
+# so it lands ~5 s before the end
+PREEMPT_STEPS = 16
 
 
 def test_sbatch_wait_runs_two_processes_to_the_end(slurm_cluster, distill_setup, tmp_path):
