@@ -1,8 +1,12 @@
 """Training runs for the tests, in process: the config composed as opd-train composes it (Hydra over the
 schema), the trainer on forked gloo workers (tests/conftest.py: run_distributed). The launchers themselves
 (opd-train, torchrun, launch/local.sh, sbatch) are covered by tests/test_seed_example.py and tests/launch/.
-And what the tests read of a finished run: its metrics.jsonl and its checkpoint."""
+What the tests read of a finished run: its metrics.jsonl and its checkpoint. And an entry point's main() in a
+forked process, with its exit code and output, for the cases that need no interpreter of their own."""
 import json
+import multiprocessing
+import os
+import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -72,3 +76,25 @@ def assert_same_curve(actual: dict, expected: dict, rel: float = REL) -> None:
     assert sorted(actual) == sorted(expected)
     for step in expected:
         assert actual[step] == pytest.approx(expected[step], rel=rel), step
+
+
+def _entry_point(fn, args, out_path, err_path):
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = out, err
+        code = fn(*args)
+    sys.exit(code or 0)
+
+
+def forked(tmp_path, fn, *args, timeout_s: float = 180) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of fn(*args) in a forked process: a main() as its console script runs it,
+    without the interpreter's start and the imports (~8 s each)."""
+    out, err = tmp_path / "forked.stdout", tmp_path / "forked.stderr"
+    process = multiprocessing.get_context("fork").Process(target=_entry_point, args=(fn, args, out, err))
+    process.start()
+    process.join(timeout=timeout_s)
+    if process.is_alive():
+        process.kill()
+        pytest.fail(f"{fn.__name__} did not end within {timeout_s:.0f} s")
+    return process.exitcode, out.read_text(), err.read_text()

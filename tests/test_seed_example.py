@@ -1,8 +1,8 @@
 """The README's example as a user runs it, on tiny models with the real pair's quirks (Qwen2.5-0.5B-Instruct
 student, Qwen2.5-7B-Instruct teacher: one tokenizer, config vocabularies padded differently, a tied student
 and an untied teacher, 14/2 against 28/4 heads): GSM8K preprocessing, the teacher converted to Megatron's
-format, `opd-train` with the default kind, with full-vocabulary reverse KL and at TP=2, then `opd-generate`
-on the exported student. ~2 min on 2 CPU cores."""
+format, `opd-train` with the default kind, then `opd-generate` on the exported student; torchrun at TP=2 with
+full-vocabulary reverse KL. ~1 min on 2 CPU cores."""
 import json
 import math
 import subprocess
@@ -46,20 +46,21 @@ def train(launcher, pair, teacher, gsm8k, save_dir, *extra):
     return [json.loads(line) for line in open(save_dir / "metrics.jsonl")]
 
 
-@pytest.mark.parametrize("launcher, extra", [
-    ((BIN / "opd-train",), ()),
-    ((BIN / "opd-train",), ("actor.kl_loss_type=reverse",)),
+@pytest.mark.parametrize("launcher, extra, answers", [
+    ((BIN / "opd-train",), (), True),
     ((sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "megatron_opd.train"),
-     ("parallel.tensor=2", "actor.kl_loss_type=reverse")),
-], ids=["default-kind", "reverse", "tp2"])
-def test_the_seed_example_trains_and_its_student_answers(qwen_pair, teacher_mcore, gsm8k, tmp_path, launcher, extra):
+     ("parallel.tensor=2", "actor.kl_loss_type=reverse"), False),
+], ids=["default-kind", "tp2-reverse"])
+def test_the_seed_example_trains_and_its_student_answers(qwen_pair, teacher_mcore, gsm8k, tmp_path, launcher, extra,
+                                                         answers):
     metrics = train(launcher, qwen_pair, teacher_mcore, gsm8k, tmp_path / "run", *extra)
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(math.isfinite(m["actor/kl_loss"]) and m["actor/kl_loss"] > 0 for m in metrics)
     exported = tmp_path / "run" / "hf"
     config = json.loads((exported / "config.json").read_text())
     assert config["vocab_size"] == 320 and config["tie_word_embeddings"]  # the student's own, padded past 300
-
+    if not answers:  # opd-generate reads any exported student alike: once is enough
+        return
     out = tmp_path / "answers.jsonl"
     printed = run(BIN / "opd-generate", f"model.path={exported}", f"data.val_files={gsm8k / 'test.parquet'}",
                   "data.max_prompt_length=1024", "max_prompts=4", "rollout.response_length=8", f"output={out}")

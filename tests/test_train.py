@@ -2,7 +2,6 @@
 the problem (`error: ...`) and exit code 2, no traceback, before any step. The bad value and the missing GPU go
 through the CLI as a user runs it; the other cases run the same entry point (`megatron_opd.train.main`) in a
 forked process, which spares the interpreter's start and the imports (~8 s each)."""
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import pytest
 
 from megatron_opd.data.schema import make_row, write_rows
 from tests.conftest import distill_overrides
+from tests.runs import forked
 
 
 def cli(setup, save_dir, *extra):
@@ -20,27 +20,16 @@ def cli(setup, save_dir, *extra):
     return done.returncode, done.stderr
 
 
-def _main(argv, stderr_path):
-    sys.argv = ["opd-train", *argv]
-    with open(stderr_path, "w") as stderr:
-        os.dup2(stderr.fileno(), 2)
-        sys.stderr = stderr
-        from megatron_opd.train import main
+def _main(argv):
+    from megatron_opd.train import main
 
-        main()
+    sys.argv = ["opd-train", *argv]
+    main()
 
 
 def forked_main(setup, save_dir, *extra):
-    """(exit code, stderr) of opd-train's main() in a forked process."""
-    stderr = save_dir.parent / f"{save_dir.name}.stderr"
-    process = multiprocessing.get_context("fork").Process(target=_main, args=(
-        distill_overrides(setup, save_dir, *extra), stderr))
-    process.start()
-    process.join(timeout=180)
-    if process.is_alive():
-        process.kill()
-        pytest.fail("opd-train's main() did not end within 180 s")
-    return process.exitcode, stderr.read_text()
+    code, _, stderr = forked(save_dir.parent, _main, distill_overrides(setup, save_dir, *extra))
+    return code, stderr
 
 
 def long_prompt_file(path):

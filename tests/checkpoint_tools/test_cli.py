@@ -1,8 +1,11 @@
-"""The real CLI in its own process: exit codes and what it prints."""
+"""The CLI: exit codes and what it prints. The conversion and a parity check run in their own process as a user
+runs them; the refusals run its main() in a forked one (tests/runs.py: forked)."""
 import subprocess
 import sys
 
+from checkpoint_tools.cli import main
 from megatron_opd.demo.tiny import write_tiny_checkpoint
+from tests.runs import forked
 
 
 def opd_convert(*args):
@@ -18,8 +21,8 @@ def test_convert_then_verify(tiny_models, tiny_tokenizer, tmp_path):
     assert checked.returncode == 0 and "TP=2 PP=1" in checked.stdout and checked.stdout.rstrip().endswith("OK")
 
     other_weights = write_tiny_checkpoint(str(tmp_path / "other"), "qwen2", seed=123, tokenizer=tiny_tokenizer)
-    mismatch = opd_convert("verify", "--hf", other_weights, "--mcore", str(out))
-    assert mismatch.returncode == 1 and mismatch.stdout.rstrip().endswith("FAIL")
+    code, stdout, _ = forked(tmp_path, main, ["verify", "--hf", other_weights, "--mcore", str(out)])
+    assert code == 1 and stdout.rstrip().endswith("FAIL")
 
-    refused = opd_convert("hf-to-mcore", "--hf", tiny_models["qwen2"], "--out", str(out))
-    assert refused.returncode == 2 and "output directory already exists" in refused.stderr
+    code, _, stderr = forked(tmp_path, main, ["hf-to-mcore", "--hf", tiny_models["qwen2"], "--out", str(out)])
+    assert code == 2 and "output directory already exists" in stderr
