@@ -1,24 +1,24 @@
-"""The main job (opd_demo.main) in two tests, about a minute together on 2 cores.
+"""The main job (opd_demo.main) in two tests, about a minute together on 2 idle cores.
 
-test_job_graph_lr_choice_budget_verdicts_and_resume (a few seconds): the real data, job graph, lr choice,
-report and verdicts on FakeStages, which stand in for the CLI runs and the evaluations (walk, five seeds, a
-three-value lr grid): every job runs once, after the jobs it needs; the held-out prompts are held out; each
+test_job_graph_lr_choice_budget_verdicts_and_resume (~5 s): the real data, job graph, lr choice, report and
+verdicts on FakeStages, which stand in for the CLI runs and the evaluations (walk, five seeds, a three-value
+lr grid): every job runs once, after the jobs it needs, and no stage runs before its inputs exist; each
 arm's lr is the grid value its validation scored best; every run has the same budget (steps x sequences)
 and its config says so; the report's numbers are the evaluations' and the runs' metrics; off-policy arms
 train on fresh teacher samples, each once; the verdicts follow from the per-seed numbers; a second run
 resumes without redoing a job.
 
-test_every_stage_for_real_and_the_report_equals_their_logs (under a minute): walk, one seed, one lr, two
-steps, every stage run for real; the report's numbers equal the stages' own logs: success the saved
-evaluation's and a rescoring of its responses, teacher-scored tokens the runs' metrics, the budget the runs'
-configs, and the fresh teacher samples (steps x BATCH x SAMPLES rows) are what the off-policy arms train on.
+test_every_stage_for_real_and_the_report_equals_their_logs (~50 s, ~80 s on busy cores: six CLI start-ups):
+walk, one seed, one lr, two steps, every stage run for real; the held-out prompts are held out, and the
+report's numbers equal the stages' own logs: success the saved evaluation's and a rescoring of its responses,
+teacher-scored tokens the runs' metrics, the budget the runs' configs, and the fresh teacher samples
+(steps x BATCH prompts x SAMPLES) are what the off-policy arms train on.
 """
 import collections
 import dataclasses
 import itertools
 import json
 import os
-import threading
 
 import pyarrow.parquet as pq
 from hydra import compose, initialize_config_dir
@@ -31,13 +31,13 @@ from megatron_opd.demo.arithmetic import questions
 from megatron_opd.demo.experiment import SLUGS
 from megatron_opd.demo.opd_demo import main
 from megatron_opd.demo.report import WALK_METRICS, run_tokens
-from megatron_opd.demo.settings import ARMS, BATCH, PAIRS, SAMPLES, TEST_PROMPTS, VAL_PROMPTS
+from megatron_opd.demo.settings import ARMS, BATCH, PAIRS, SAMPLES, VAL_PROMPTS
 from megatron_opd.demo.verdict import VERDICTS, verdict
 from megatron_opd.train import CONFIG_DIR
 
 SEEDS, STEPS, GRID = 5, 2, (1e-3, 3e-3, 1e-2)
-# FakeStages' validation success of each arm's seed-0 run per lr: each arm's best lr is a different one of
-# the grid, and no arm's worst is its best (SeqKD ties 1e-3 with 3e-3: the smaller wins).
+# FakeStages' validation success of each arm's seed-0 run per lr: each arm's best is a different grid value
+# and its worst another (SeqKD ties 1e-3 with 3e-3: the smaller wins), so a wrong choice shows.
 VALIDATION = {"on-policy": {1e-3: 0.30, 3e-3: 0.55, 1e-2: 0.10},
               "SeqKD": {1e-3: 0.48, 3e-3: 0.48, 1e-2: 0.20},
               "supervised KD": {1e-3: 0.35, 3e-3: 0.40, 1e-2: 0.44}}
@@ -55,35 +55,48 @@ FIXED = {"teacher": dict(success=0.90, shortest=0.80, recovery=0.97),  # the wal
          "student": dict(success=0.10, shortest=0.05, recovery=0.10)}
 
 
+def _given(*path: str) -> None:
+    assert os.path.exists(os.path.join(*path)), f"{os.path.join(*path)}: missing"
+
+
 class FakeStages:
     """A fake of the demo's expensive stages, installed with monkeypatch: the CLI runs of megatron_opd.train
     and megatron_opd.generate (cli_runner.cli, as experiment.py calls it) and the evaluations
     (evaluate.evaluate, as Experiment.evaluate calls it). Each leaves what the real stage leaves, so the real
     job graph, lr choice, report and verdicts run unchanged on it: a train run its hydra/config.yaml (the
-    config the CLI composes from the overrides it was given), one metrics.jsonl line per trainer.total_steps
+    CLI's composed config with the overrides it was given), one metrics.jsonl line per trainer.total_steps
     and hf/config.json (its done file); a generate run max_prompts x rollout.n rows in its output; an
-    evaluation the scores of VALIDATION, TEST and FIXED for the model it was given (no responses)."""
+    evaluation the scores of VALIDATION, TEST and FIXED for the model it was given (no responses). Like the
+    real stages, each fails when a model or data file it is given is missing: a job run before its inputs
+    exist shows."""
 
     def __init__(self, monkeypatch):
         monkeypatch.setattr(experiment, "cli", self.cli)
         monkeypatch.setattr(experiment, "evaluate", self.evaluate)
-        self._hydra = threading.Lock()  # hydra's compose API keeps global state; the jobs run in threads
         self._runs = itertools.count()
+        # composed once: hydra's compose keeps global state and the jobs run in threads
+        with initialize_config_dir(CONFIG_DIR, version_base=None):
+            self._composed = {"megatron_opd.train": compose("distillation_trainer"),
+                              "megatron_opd.generate": compose("generation")}
 
-    def _compose(self, config_name: str, overrides) -> DictConfig:
-        with self._hydra, initialize_config_dir(CONFIG_DIR, version_base=None):
-            return compose(config_name, overrides=list(overrides))
+    def _config(self, module: str, overrides) -> DictConfig:
+        """The config `module` runs with: its composed config with the overrides merged in, their keys and
+        types checked against its schema."""
+        return OmegaConf.merge(self._composed[module], OmegaConf.from_dotlist(list(overrides)))
 
     def cli(self, module: str, *overrides: str) -> str:
+        cfg = self._config(module, overrides)
         if module == "megatron_opd.generate":
-            cfg = self._compose("generation", overrides)
+            _given(cfg.model.path, "config.json")
+            _given(cfg.data.val_files)
             os.makedirs(os.path.dirname(cfg.output), exist_ok=True)
             with open(cfg.output, "w") as f:
                 f.writelines(json.dumps({"response": f"sample {k}"}) + "\n"
                              for k in range(cfg.max_prompts * cfg.rollout.n))
             return ""
-        assert module == "megatron_opd.train", module
-        cfg = self._compose("distillation_trainer", overrides)
+        for model in filter(None, (cfg.student.path, cfg.teacher.path)):
+            _given(model, "config.json")
+        _given(cfg.data.train_files)
         run_dir = cfg.trainer.save_dir
         os.makedirs(os.path.join(run_dir, "hydra"), exist_ok=True)
         OmegaConf.save(cfg, os.path.join(run_dir, "hydra", "config.yaml"))
@@ -97,6 +110,7 @@ class FakeStages:
         return ""
 
     def evaluate(self, model_dir: str, rows: list[dict], max_new_tokens: int) -> dict:
+        _given(model_dir, "config.json")
         *_, seed_dir, run, _ = model_dir.split(os.sep)  # .../walk/seed0/onpolicy_lr0.001/hf, .../walk/teacher/hf
         if run in FIXED:
             scores = FIXED[run]
@@ -112,8 +126,10 @@ class FakeStages:
 
 
 def _log_jobs(monkeypatch) -> tuple[dict, list]:
-    """opd_demo's run_jobs, the real one on jobs that log ("start"/"end", name) as they run: returns the job
-    graph ({name: needs}) and the log, both filled as main runs."""
+    """opd_demo's run_jobs, the real one on jobs that log ("start"/"end", name) as they run, in one lane and
+    the last-listed ready job first: a job whose needs miss a job it reads from then runs before that job
+    wherever both are ready, and its (fake) stage fails on the missing input. Returns the job graph
+    ({name: needs}) and the log, both filled as main runs."""
     graph, log = {}, []
 
     def logged(job: jobs.Job) -> jobs.Job:
@@ -123,9 +139,9 @@ def _log_jobs(monkeypatch) -> tuple[dict, list]:
             log.append(("end", job.name))
         return dataclasses.replace(job, run=run)
 
-    def run_jobs(job_list, *args):
+    def run_jobs(job_list, _lanes, *args):  # one lane, not LANES
         graph.update((job.name, job.needs) for job in job_list)
-        return jobs.run_jobs([logged(job) for job in job_list], *args)
+        return jobs.run_jobs([logged(job) for job in reversed(job_list)], 1, *args)
 
     monkeypatch.setattr(opd_demo, "run_jobs", run_jobs)
     return graph, log
@@ -159,7 +175,15 @@ def _check_arm_run(out: str, seed: int, arm: str, run_dir: str, numbers: dict) -
         assert sum(1 for _ in open(samples)) == STEPS * BATCH * SAMPLES
 
 
+def _fewer_prompts(monkeypatch) -> None:
+    """Fewer prompts than the demo's: every CLI run tokenizes the train split and every evaluation decodes the
+    test split. Still enough that a split not held out would share prompts with another (walk: ~1500 problems)."""
+    monkeypatch.setattr(tasks, "TRAIN_PROMPTS", 500)
+    monkeypatch.setattr(tasks, "TEST_PROMPTS", 50)
+
+
 def test_job_graph_lr_choice_budget_verdicts_and_resume(tmp_path, monkeypatch, capsys):
+    _fewer_prompts(monkeypatch)
     FakeStages(monkeypatch)
     graph, log = _log_jobs(monkeypatch)
     out = str(tmp_path / "demo")
@@ -172,12 +196,6 @@ def test_job_graph_lr_choice_budget_verdicts_and_resume(tmp_path, monkeypatch, c
     for name, needs in graph.items():
         assert all(log.index(("end", need)) < log.index(("start", name)) for need in needs), name
 
-    data = os.path.join(out, "walk", "data")
-    splits = {s: pq.read_table(os.path.join(data, f"{s}.parquet")).to_pylist() for s in ("train", "val", "test")}
-    train, val, test = (questions(splits[s]) for s in ("train", "val", "test"))
-    assert (len(splits["val"]), len(splits["test"])) == (VAL_PROMPTS, TEST_PROMPTS)
-    assert not (train & test or train & val or val & test)
-
     summary = json.load(open(os.path.join(out, "report", "summary.json")))["tasks"]["walk"]
     validation = summary["lr_choice"]["validation_success"]
     for arm in ARMS:
@@ -189,7 +207,7 @@ def test_job_graph_lr_choice_budget_verdicts_and_resume(tmp_path, monkeypatch, c
         for seed in range(SEEDS):
             numbers = summary["arms"][arm]["seeds"][str(seed)]
             run_dir = _run_dir(out, seed, arm, CHOSEN[arm] if seed == 0 else None)
-            if seed:
+            if seed:  # seed 0's runs: over the grid above
                 _check_budget(run_dir, CHOSEN[arm])
             _check_arm_run(out, seed, arm, run_dir, numbers)
             saved = json.load(open(os.path.join(out, "walk", "eval", f"seed{seed}", f"{SLUGS[arm]}.test.json")))
@@ -213,15 +231,17 @@ def test_job_graph_lr_choice_budget_verdicts_and_resume(tmp_path, monkeypatch, c
 
 
 def test_every_stage_for_real_and_the_report_equals_their_logs(tmp_path, monkeypatch):
-    # Fewer prompts than the demo's: every CLI run tokenizes the train split and every evaluation decodes
-    # the test split, and nothing checked here depends on how many there are.
-    monkeypatch.setattr(tasks, "TRAIN_PROMPTS", 500)
-    monkeypatch.setattr(tasks, "TEST_PROMPTS", 50)
+    _fewer_prompts(monkeypatch)
     out = str(tmp_path / "demo")
     # the demo preset: one seed, one lr; --scale: the teacher and the cold start train one step each
     main(["--out", out, "--tasks", "walk", "--seeds", "1", "--steps", str(STEPS), "--scale", "0.001"])
     summary = json.load(open(os.path.join(out, "report", "summary.json")))["tasks"]["walk"]
-    rows = pq.read_table(os.path.join(out, "walk", "data", "test.parquet")).to_pylist()
+    data = os.path.join(out, "walk", "data")
+    splits = {s: pq.read_table(os.path.join(data, f"{s}.parquet")).to_pylist() for s in ("train", "val", "test")}
+    train, val, test = (questions(splits[s]) for s in ("train", "val", "test"))
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [tasks.TRAIN_PROMPTS, VAL_PROMPTS, tasks.TEST_PROMPTS]
+    assert not (train & test or train & val or val & test)
+    rows = splits["test"]
     samples = [json.loads(line) for line in open(os.path.join(out, "walk", "seed0", "teacher_samples.jsonl"))]
     # steps x BATCH prompts, SAMPLES samples of each
     assert collections.Counter(collections.Counter(row["extra_info"]["index"] for row in samples).values()) == {
