@@ -20,11 +20,11 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf.errors import OmegaConfBaseException
 
+from megatron_opd.config import ConfigError, ModelConfig, RolloutConfig
 from megatron_opd.data.config import DataConfig
+from megatron_opd.parallel.device import DEVICE_KINDS
 from megatron_opd.parallel.quiet import quiet_known_messages
 from megatron_opd.train import CONFIG_DIR
-from megatron_opd.parallel.device import DEVICE_KINDS
-from megatron_opd.config import ConfigError, ModelConfig, RolloutConfig
 
 
 @dataclass

@@ -26,13 +26,13 @@ def startup_errors() -> tuple:
     """What bad input raises while a run is set up; each message names the key, file or value."""
     from checkpoint_tools.hf_files import CheckpointFileError
     from checkpoint_tools.weights import WeightMismatchError
+    from megatron_opd.config import ConfigError
     from megatron_opd.data.config import DataConfigError
     from megatron_opd.data.schema import DataError
     from megatron_opd.models import UnsupportedArchitectureError
     from megatron_opd.parallel import DeviceError, ParallelConfigError
     from megatron_opd.rollout.sglang_server import SGLangConfigError, ServerStartError
     from megatron_opd.trainer.checkpoint import ResumeError
-    from megatron_opd.config import ConfigError
 
     return (CheckpointFileError, ConfigError, DataConfigError, DataError, DeviceError, FileNotFoundError,
             ParallelConfigError, ResumeError, SGLangConfigError, ServerStartError, UnsupportedArchitectureError,

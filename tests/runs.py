@@ -79,6 +79,9 @@ def assert_same_curve(actual: dict, expected: dict, rel: float = REL) -> None:
 
 
 def _entry_point(fn, args, out_path, err_path):
+    import torch
+
+    torch.set_num_threads(1)  # a forked child whose parent ran OpenMP work stalls with more (parallel/local_group.py)
     with open(out_path, "w") as out, open(err_path, "w") as err:
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)

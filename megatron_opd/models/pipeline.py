@@ -1,15 +1,15 @@
 """Forward-only passes (the teacher's; the student's log-probs before a step's updates) and the student's
 forward-backward, all through megatron's pipeline schedule over a list of micro-batches. Outputs live on the
 last pipeline stage: the student's final hidden states (its loss applies the output layer, fused), the
-teacher's hidden states or logits. The schedule runs
-on megatron's global groups, or on a model's own (`pg_collection`: a teacher in a layout of its own)."""
+teacher's hidden states or logits. The schedule runs on megatron's global groups, or on a model's own
+(`pg_collection`: a teacher in a layout of its own)."""
 from typing import Callable, Optional
 
 import torch
 
+from megatron_opd.models.batch import TokenBatch
 from megatron_opd.models.forward import per_chunk_iterators
 from megatron_opd.models.head import final_hidden_states
-from megatron_opd.models.batch import TokenBatch
 
 
 def _run(chunks, micro_batches: list[TokenBatch], loss_of: Callable, forward_only: bool, cp_size: int,

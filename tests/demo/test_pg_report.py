@@ -50,11 +50,11 @@ def test_each_arms_lr_is_the_best_late_validation_of_seed_0(tmp_path, monkeypatc
     monkeypatch.setattr(pg_comparison, "LR_GRID", (1e-4, 1e-3))
     exp = Experiment(str(tmp_path), PRESETS["full"], ["arithmetic"])
     late = {1e-4: [0.1, 0.4, 0.4], 1e-3: [0.1, 0.5, 0.2]}  # means of the last 3 of 0, 2, 4: 0.3 and 0.267
-    for arm in pg_comparison.ARMS:
+    for arm in pg_comparison.PG_ARMS:
         for lr, successes in late.items():
-            write_run(tmp_path / "arithmetic" / "pg" / "seed0" / f"{pg_comparison.ARMS[arm][0]}_lr{lr:g}", successes)
+            write_run(tmp_path / "arithmetic" / "pg" / "seed0" / f"{pg_comparison.PG_ARMS[arm][0]}_lr{lr:g}", successes)
     pg_comparison.choose_lrs(exp)
     choice = json.load(open(pg_comparison.choice_file(exp)))
-    assert all(choice[arm] == 1e-4 for arm in pg_comparison.ARMS)
+    assert all(choice[arm] == 1e-4 for arm in pg_comparison.PG_ARMS)
     assert choice["validation_success"]["direct"]["0.001"] == pytest.approx(0.8 / 3)
     assert pg_comparison.run_dir(exp, 0, "direct").endswith("seed0/direct_lr0.0001")

@@ -49,6 +49,11 @@ def test_valid_overrides_build_a_config(distill_setup, tmp_path):
     ("actor.policy_loss=pg actor.lmbda=0.5 data.response_key=extra_info.answer",
      r"actor.lmbda=0.5: must be 1 with actor.policy_loss=pg"),
     ("actor.is_cap=1.0", r"actor.is_cap=1.0: must be null \(measure the mismatch only\) or > 1"),
+    ("rollout.url=http://127.0.0.1:1", r"rollout.url='http://127.0.0.1:1': names an SGLang server: set rollout.engine"),
+    ("rollout.engine=sglang rollout.url=127.0.0.1:1", r"rollout.url='127.0.0.1:1': must be the server's http\(s\)://"),
+    ("actor.policy_loss=pg reward.fn=nowhere:score", r"reward.fn='nowhere:score': cannot import score from nowhere"),
+    ("actor.policy_loss=pg reward.fn=bogus", r"reward.fn='bogus': must be none, gsm8k or data_source, or module:function"),
+    ("actor.kl_loss_type=k3-", r"actor.kl_loss_type='k3-': must be one of kl\|abs\|mse\|low_var_kl\|k1\|k2\|k3\|kl\+"),
 ])
 def test_bad_values_name_the_key(distill_setup, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
