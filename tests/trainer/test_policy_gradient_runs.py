@@ -112,6 +112,7 @@ def test_a_task_reward_reaches_the_first_update_through_the_cli(distill_setup, t
     loss, norm = reward_gradient_norm(distill_setup["student"], rows, temperature=0.6)
     assert norm > 1e-3
     assert logged[1]["actor/pg_loss"] == pytest.approx(loss, rel=REL, abs=1e-9)
+    # megatron's model against transformers', each with its own kernels: measured 9e-6
     assert logged[1]["actor/grad_norm"] == pytest.approx(norm, rel=1e-4)
 
 
