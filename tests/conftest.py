@@ -1,5 +1,6 @@
 """Shared fixtures: tiny HF checkpoints of every supported architecture (built locally), and the gloo
-runner (forked workers with a deadline)."""
+runner (forked workers with a deadline). The SGLang servers are in tests/sglang_servers.py, in-process runs
+in tests/runs.py."""
 import os
 
 import pytest
@@ -49,7 +50,6 @@ def tiny_models(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("tiny_models")
     return {family: write_tiny_checkpoint(str(root / family), family, seed=11, tokenizer=tiny_tokenizer)
             for family in FAMILIES}
-
 
 
 @pytest.fixture(scope="session")
