@@ -17,17 +17,18 @@ SCORER_GROUP = "megatron_opd.scorers"
 
 
 @functools.cache
-def registered_scorers() -> dict:
-    """data_source -> its entry point (loaded when a row of that source is first scored)."""
-    return {entry.name: entry for entry in entry_points(group=SCORER_GROUP)}
+def _registered_scorer(data_source: str):
+    """The scorer registered for `data_source`, or None: imported once, when a row of that source is first scored."""
+    entry = next(iter(entry_points(group=SCORER_GROUP, name=data_source)), None)
+    return entry.load() if entry is not None else None
 
 
 def score_response(data_source: str, response: str, ground_truth: str, method: str = "strict") -> float:
     """1.0 for a correct response, else 0.0 (or the registered scorer's value); `method` is the GSM8K
     extraction (strict | flexible)."""
-    entry = registered_scorers().get(data_source)
-    if entry is not None:
-        return float(entry.load()(response, ground_truth))
+    scorer = _registered_scorer(data_source)
+    if scorer is not None:
+        return float(scorer(response, ground_truth))
     return gsm8k_score(response, ground_truth, method)
 
 

@@ -89,7 +89,8 @@ class MegatronTeacher(Teacher):
         micro = split_micro_batches(batch.rows(*mine), self.actor.micro_batch_size, self.actor.max_tokens_per_micro_batch,
                                     dims.config.sequence_multiple)
         kept = self._pass(micro)
-        held = whole_rows(kept, micro, self.fields, mine[0], rows, length, self.student.device) if holds_outputs(dims) else {}
-        out, self.bytes_moved = deliver(held, mine if holds_outputs(dims) else None, self.fields, self.student,
+        holds = holds_outputs(dims)
+        held = whole_rows(kept, micro, self.fields, mine[0], rows, length, self.student.device) if holds else {}
+        out, self.bytes_moved = deliver(held, mine if holds else None, self.fields, self.student,
                                         student_micro_batches, batch.size, length)
         return out
