@@ -10,75 +10,18 @@ from megatron_opd.data.scorers import NO_REWARD, reward_function
 from megatron_opd.loss.distillation import AGG_MODES
 from megatron_opd.loss.kinds import FULL_KINDS, KL_LOSS_TYPES, SAMPLED_KINDS, TOPK_KINDS, named
 from megatron_opd.parallel import DEVICE_KINDS, ParallelConfig
+from megatron_opd.config.checks import ConfigError, check, check_url, one_of
+from megatron_opd.config.models import (
+    MODEL_DTYPES, SINGLE_TEACHER, TEACHER_ENGINES, ModelConfig, TeacherConfig, TeacherParallelConfig, TeacherRouting,
+    parse_teachers)
 from megatron_opd.rollout.sglang_server import SGLangConfig
 
 LR_DECAY = ("constant", "linear", "cosine")
 POLICY_LOSSES = ("direct", "pg")
 IS_MODES = ("truncate", "mask")
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
-MODEL_DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-    """A value that cannot work; the message names the key and what to change."""
-
-
-def _check(condition: bool, key: str, value, need: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}={value!r}: {need}")
-
-
-def _one_of(key: str, value, choices) -> None:
-    _check(value in choices, key, value, f"must be one of {'|'.join(choices)}")
-
-
-def _check_url(key: str, url: Optional[str]) -> None:
-    _check(url is None or url.startswith(("http://", "https://")), key, url,
-           "must be the server's http(s):// address, e.g. http://127.0.0.1:30000")
-
-
-@dataclass
-class ModelConfig:
-    path: Optional[str] = None  # an HF model directory or a converted Megatron checkpoint
-    dtype: Optional[str] = None  # null: the checkpoint's own (config.json's torch_dtype)
-
-    def __post_init__(self):
-        if self.dtype is not None:
-            _one_of("model.dtype", self.dtype, MODEL_DTYPES)
-
-
-@dataclass
-class TeacherParallelConfig:
-    tensor: Optional[int] = None  # null: the student's parallel.tensor
-    pipeline: Optional[int] = None  # null: the student's parallel.pipeline
-
-    def __post_init__(self):
-        for key in ("tensor", "pipeline"):
-            value = getattr(self, key)
-            _check(value is None or (isinstance(value, int) and value >= 1), f"teacher.parallel.{key}", value,
-                   "must be null (the student's) or an integer >= 1")
-
-
-TEACHER_ENGINES = ("megatron", "sglang")
-
-
-@dataclass
-class TeacherConfig(ModelConfig):
-    engine: str = "megatron"  # megatron: on the trainer's ranks | sglang: its own SGLang server
-    parallel: TeacherParallelConfig = field(default_factory=TeacherParallelConfig)  # engine=megatron
-    url: Optional[str] = None  # engine=sglang: a server already serving the teacher (null: rank 0 starts one)
-    sglang: SGLangConfig = field(default_factory=SGLangConfig)  # engine=sglang: the server rank 0 starts
-
-    def __post_init__(self):
-        super().__post_init__()
-        _one_of("teacher.engine", self.engine, TEACHER_ENGINES)
-        _check(self.url is None or self.engine == "sglang", "teacher.url", self.url,
-               "names a served teacher's SGLang server: set teacher.engine=sglang, or teacher.url=null")
-        _check_url("teacher.url", self.url)
-        for key in ("tensor", "pipeline"):
-            _check(self.engine == "megatron" or getattr(self.parallel, key) is None, f"teacher.parallel.{key}",
-                   getattr(self.parallel, key), "is the Megatron teacher's layout; a served teacher "
-                   "(teacher.engine=sglang) takes its GPUs from teacher.sglang (tensor_parallel, base_gpu_id)")
+DOCTOR_MODES = ("off", "warn", "strict")
+DEFAULT_TOTAL_STEPS = 10
 
 
 @dataclass
@@ -95,14 +38,14 @@ class RolloutConfig:
     url: Optional[str] = None
 
     def __post_init__(self):
-        _one_of("rollout.engine", self.engine, ("local", "sglang"))
-        _check(self.url is None or self.engine == "sglang", "rollout.url", self.url,
+        one_of("rollout.engine", self.engine, ("local", "sglang"))
+        check(self.url is None or self.engine == "sglang", "rollout.url", self.url,
                "names an SGLang server: set rollout.engine=sglang, or rollout.url=null")
-        _check_url("rollout.url", self.url)
-        _check(self.n >= 1, "rollout.n", self.n, "must be >= 1")
-        _check(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0 (on-policy sampling)")
-        _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
-        _check(self.response_length >= 1, "rollout.response_length", self.response_length, "must be >= 1")
+        check_url("rollout.url", self.url)
+        check(self.n >= 1, "rollout.n", self.n, "must be >= 1")
+        check(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0 (on-policy sampling)")
+        check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
+        check(self.response_length >= 1, "rollout.response_length", self.response_length, "must be >= 1")
 
 
 @dataclass
@@ -116,10 +59,10 @@ class OptimConfig:
     lr_decay: str = "constant"
 
     def __post_init__(self):
-        _check(self.lr > 0, "actor.optim.lr", self.lr, "must be > 0")
-        _check(0 <= self.min_lr <= self.lr, "actor.optim.min_lr", self.min_lr, "must be in [0, lr]")
-        _check(self.warmup_steps >= 0, "actor.optim.warmup_steps", self.warmup_steps, "must be >= 0")
-        _one_of("actor.optim.lr_decay", self.lr_decay, LR_DECAY)
+        check(self.lr > 0, "actor.optim.lr", self.lr, "must be > 0")
+        check(0 <= self.min_lr <= self.lr, "actor.optim.min_lr", self.min_lr, "must be in [0, lr]")
+        check(self.warmup_steps >= 0, "actor.optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        one_of("actor.optim.lr_decay", self.lr_decay, LR_DECAY)
 
 
 @dataclass
@@ -152,34 +95,46 @@ class ActorConfig:
     # (is_mode=truncate) or 0 outside [1 / is_cap, is_cap] (mask). null: measured (mismatch/*), not applied.
     is_cap: Optional[float] = None
     is_mode: str = "truncate"
+    # verl's distillation_loss clamps: each token's divergence (or pg's per-token reverse KL) clamped to
+    # [-loss_max_clamp, loss_max_clamp], no gradient where it binds; the sampled and top-k kinds' log-probs,
+    # both sides, floored at log_prob_min_clamp before the estimator. null: none.
+    loss_max_clamp: Optional[float] = None
+    log_prob_min_clamp: Optional[float] = None
     grad_clip: float = 1.0
     recompute: str = "none"
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self):
-        _one_of("actor.kl_loss_type", self.kl_loss_type, KL_LOSS_TYPES)
-        _one_of("actor.loss_agg_mode", self.loss_agg_mode, AGG_MODES)
-        _one_of("actor.recompute", self.recompute, ("none", "selective", "full"))
-        _check(0 <= self.jsd_beta <= 1, "actor.jsd_beta", self.jsd_beta, "must be in [0, 1]")
-        _check(self.kl_temperature is None or self.kl_temperature > 0, "actor.kl_temperature", self.kl_temperature,
+        one_of("actor.kl_loss_type", self.kl_loss_type, KL_LOSS_TYPES)
+        one_of("actor.loss_agg_mode", self.loss_agg_mode, AGG_MODES)
+        one_of("actor.recompute", self.recompute, ("none", "selective", "full"))
+        check(0 <= self.jsd_beta <= 1, "actor.jsd_beta", self.jsd_beta, "must be in [0, 1]")
+        check(self.kl_temperature is None or self.kl_temperature > 0, "actor.kl_temperature", self.kl_temperature,
                "must be null (rollout.temperature) or > 0")
-        _check(self.kl_loss_type not in TOPK_KINDS or self.topk >= 1, "actor.topk", self.topk,
+        check(self.kl_loss_type not in TOPK_KINDS or self.topk >= 1, "actor.topk", self.topk,
                f"must be >= 1 with actor.kl_loss_type={self.kl_loss_type}")
-        _check(self.ppo_epochs >= 1, "actor.ppo_epochs", self.ppo_epochs, "must be >= 1")
-        _check(self.micro_batch_size >= 1, "actor.micro_batch_size", self.micro_batch_size, "must be >= 1")
-        _check(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
+        check(self.ppo_epochs >= 1, "actor.ppo_epochs", self.ppo_epochs, "must be >= 1")
+        check(self.micro_batch_size >= 1, "actor.micro_batch_size", self.micro_batch_size, "must be >= 1")
+        check(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
                "actor.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, "must be null or >= 1")
-        _check(self.ppo_mini_batch_size is None or self.ppo_mini_batch_size >= 1, "actor.ppo_mini_batch_size",
+        check(self.ppo_mini_batch_size is None or self.ppo_mini_batch_size >= 1, "actor.ppo_mini_batch_size",
                self.ppo_mini_batch_size, "must be null or >= 1")
-        _check(0 <= self.lmbda <= 1, "actor.lmbda", self.lmbda, "must be in [0, 1] (1: on-policy)")
-        _check(self.grad_clip >= 0, "actor.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
-        _one_of("actor.policy_loss", self.policy_loss, POLICY_LOSSES)
-        _one_of("actor.is_mode", self.is_mode, IS_MODES)
-        _check(0 <= self.kl_discount <= 1, "actor.kl_discount", self.kl_discount, "must be in [0, 1]")
-        _check(self.clip_ratio > 0, "actor.clip_ratio", self.clip_ratio, "must be > 0")
-        _check(self.is_cap is None or self.is_cap > 1, "actor.is_cap", self.is_cap,
+        check(0 <= self.lmbda <= 1, "actor.lmbda", self.lmbda, "must be in [0, 1] (1: on-policy)")
+        check(self.grad_clip >= 0, "actor.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        one_of("actor.policy_loss", self.policy_loss, POLICY_LOSSES)
+        check(self.loss_max_clamp is None or self.loss_max_clamp > 0, "actor.loss_max_clamp", self.loss_max_clamp,
+              "must be null (no clamp) or > 0")
+        check(self.log_prob_min_clamp is None or self.log_prob_min_clamp < 0, "actor.log_prob_min_clamp",
+              self.log_prob_min_clamp, "must be null (no floor) or < 0 (a log-prob)")
+        check(self.log_prob_min_clamp is None or self.kl_loss_type not in FULL_KINDS, "actor.log_prob_min_clamp",
+              self.log_prob_min_clamp, f"floors the log-probs the sampled and top-k kinds take; "
+              f"actor.kl_loss_type={self.kl_loss_type} is exact over the whole vocabulary: set it to null")
+        one_of("actor.is_mode", self.is_mode, IS_MODES)
+        check(0 <= self.kl_discount <= 1, "actor.kl_discount", self.kl_discount, "must be in [0, 1]")
+        check(self.clip_ratio > 0, "actor.clip_ratio", self.clip_ratio, "must be > 0")
+        check(self.is_cap is None or self.is_cap > 1, "actor.is_cap", self.is_cap,
                "must be null (measure the mismatch only) or > 1")
-        _check(self.policy_loss == "direct" or self.kl_loss_type not in TOPK_KINDS, "actor.kl_loss_type",
+        check(self.policy_loss == "direct" or self.kl_loss_type not in TOPK_KINDS, "actor.kl_loss_type",
                self.kl_loss_type, "actor.policy_loss=pg needs the teacher's log-prob of each sampled token, which "
                f"a top-k teacher need not hold: use a sampled-token kind ({named(SAMPLED_KINDS)}) or a full one "
                f"({named(FULL_KINDS)})")
@@ -198,13 +153,16 @@ class RewardConfig:
                 reward_function(self.fn)
             except ValueError as err:
                 raise ConfigError(f"reward.fn={self.fn!r}: {err}") from None
-        _check(self.coef >= 0, "reward.coef", self.coef, "must be >= 0")
+        check(self.coef >= 0, "reward.coef", self.coef, "must be >= 0")
 
 
 @dataclass
 class TrainerConfig:
     mode: str = "distill"  # distill (on-policy, from the teacher) | sft (cross-entropy on given responses)
-    total_steps: int = 10
+    # null: total_epochs passes over data.train_files, or 10 steps; set, it caps total_epochs (verl's
+    # total_training_steps)
+    total_steps: Optional[int] = None
+    total_epochs: Optional[int] = None
     save_freq: int = 0  # 0: only at the end
     test_freq: int = 0  # 0: never
     save_dir: str = "runs/opd"
@@ -219,16 +177,24 @@ class TrainerConfig:
     exit_interval: int = 0  # stop with a checkpoint after every step divisible by it (0: never)
     # Rank 0 writes each step's sequences (ids, text, reward) to <rollout_data_dir>/<step>.jsonl (null: none)
     rollout_data_dir: Optional[str] = None
+    # opd-doctor's cheap checks at start-up: off | warn (print what they find) | strict (a failing check stops)
+    doctor: str = "off"
 
     def __post_init__(self):
-        _one_of("trainer.mode", self.mode, ("distill", "sft"))
-        _one_of("trainer.device", self.device, DEVICE_KINDS)
-        _check(self.total_steps >= 1, "trainer.total_steps", self.total_steps, "must be >= 1")
-        _check(self.collective_timeout_s > 0, "trainer.collective_timeout_s", self.collective_timeout_s, "must be > 0")
+        one_of("trainer.mode", self.mode, ("distill", "sft"))
+        one_of("trainer.device", self.device, DEVICE_KINDS)
+        check(self.total_steps is None or self.total_steps >= 1, "trainer.total_steps", self.total_steps,
+              "must be null or >= 1")
+        check(self.total_epochs is None or self.total_epochs >= 1, "trainer.total_epochs", self.total_epochs,
+              "must be null or >= 1")
+        if self.total_steps is None and self.total_epochs is None:
+            self.total_steps = DEFAULT_TOTAL_STEPS
+        one_of("trainer.doctor", self.doctor, DOCTOR_MODES)
+        check(self.collective_timeout_s > 0, "trainer.collective_timeout_s", self.collective_timeout_s, "must be > 0")
         for key in ("save_freq", "test_freq", "exit_interval"):
-            _check(getattr(self, key) >= 0, f"trainer.{key}", getattr(self, key), "must be >= 0")
+            check(getattr(self, key) >= 0, f"trainer.{key}", getattr(self, key), "must be >= 0")
         for sink in self.logger:
-            _one_of("trainer.logger", sink, LOGGERS)
+            one_of("trainer.logger", sink, LOGGERS)
 
 
 @dataclass
@@ -241,61 +207,81 @@ class OPDConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Several teachers, each scoring the rows of its data sources (config/models.py): a map name -> teacher
+    # section (the keys of teacher.*, with data_sources and default), or a list of sections with a name each.
+    teachers: Optional[Any] = None
 
     def __post_init__(self):
-        _check(bool(self.student.path), "student.path", self.student.path, "is required (an HF or converted model)")
-        _check(self.data.train_files is not None, "data.train_files", None, "is required (parquet/jsonl prompts)")
+        check(bool(self.student.path), "student.path", self.student.path, "is required (an HF or converted model)")
+        check(self.data.train_files is not None, "data.train_files", None, "is required (parquet/jsonl prompts)")
+        self.teachers = parse_teachers(self.teachers)
+        check(not self.teachers or not self.teacher.path, "teacher.path", self.teacher.path,
+              f"and teachers ({', '.join(self.teachers)}) are both set: give the one teacher as teacher.* or every "
+              f"teacher under teachers")
         if self.trainer.mode == "distill":
-            _check(bool(self.teacher.path), "teacher.path", self.teacher.path, "is required with trainer.mode=distill")
-            _check(self.teacher.engine != "sglang" or self.actor.kl_loss_type not in FULL_KINDS, "actor.kl_loss_type",
-                   self.actor.kl_loss_type, "needs the teacher's whole distribution, which a served teacher "
-                   f"(teacher.engine=sglang) does not send: use a sampled-token kind ({named(SAMPLED_KINDS)}), "
-                   f"{named(TOPK_KINDS)} with actor.topk, or teacher.engine=megatron")
-            temperature = divergence_temperature(self)
-            _check(self.teacher.engine != "sglang" or temperature == 1.0, "actor.kl_temperature",
-                   self.actor.kl_temperature, f"the divergence would run at temperature {temperature:g} (null: "
-                   f"rollout.temperature), but a served teacher (teacher.engine=sglang) scores at 1: SGLang applies no "
-                   f"temperature to the log-probs of given tokens. Set actor.kl_temperature=1.0 (the student then "
-                   f"enters at 1 too), or use teacher.engine=megatron")
+            check(bool(self.teacher.path) or bool(self.teachers), "teacher.path", self.teacher.path,
+                  "is required with trainer.mode=distill (or several teachers under teachers)")
+            for name, teacher in run_teachers(self).items():
+                self._check_served(teacher, "teacher" if name == SINGLE_TEACHER and not self.teachers
+                                   else f"teachers.{name}")
         batch = self.data.train_batch_size
         mini = self.actor.ppo_mini_batch_size or batch
-        _check(batch % mini == 0, "actor.ppo_mini_batch_size", mini,
+        check(batch % mini == 0, "actor.ppo_mini_batch_size", mini,
                f"must divide data.train_batch_size={batch}")
-        _check(self.trainer.mode != "sft" or bool(self.data.response_key), "data.response_key",
+        check(self.trainer.mode != "sft" or bool(self.data.response_key), "data.response_key",
                self.data.response_key, "is required with trainer.mode=sft (e.g. extra_info.answer)")
-        _check(self.trainer.mode != "distill" or self.actor.lmbda == 1 or bool(self.data.response_key),
+        check(self.trainer.mode != "distill" or self.actor.lmbda == 1 or bool(self.data.response_key),
                "data.response_key", self.data.response_key, f"is required with actor.lmbda={self.actor.lmbda} < 1: the "
                f"responses of the prompts the student does not answer (teacher samples from opd-generate, or the "
                f"dataset's, e.g. extra_info.answer)")
-        _check(self.trainer.test_freq == 0 or self.data.val_files is not None, "trainer.test_freq",
+        check(self.trainer.test_freq == 0 or self.data.val_files is not None, "trainer.test_freq",
                self.trainer.test_freq, "needs data.val_files")
         self._check_policy_gradient()
 
+    def _check_served(self, teacher: TeacherConfig, key: str) -> None:
+        """A served teacher sends neither the whole distribution nor log-probs at another temperature than 1."""
+        if teacher.engine != "sglang":
+            return
+        check(self.actor.kl_loss_type not in FULL_KINDS, "actor.kl_loss_type", self.actor.kl_loss_type,
+              f"needs the teacher's whole distribution, which a served teacher ({key}.engine=sglang) does not send: "
+              f"use a sampled-token kind ({named(SAMPLED_KINDS)}), {named(TOPK_KINDS)} with actor.topk, or "
+              f"{key}.engine=megatron")
+        temperature = divergence_temperature(self)
+        check(temperature == 1.0, "actor.kl_temperature", self.actor.kl_temperature, f"the divergence would run at "
+              f"temperature {temperature:g} (null: rollout.temperature), but a served teacher ({key}.engine=sglang) "
+              f"scores at 1: SGLang applies no temperature to the log-probs of given tokens. Set "
+              f"actor.kl_temperature=1.0 (the student then enters at 1 too), or use {key}.engine=megatron")
+
     def _check_policy_gradient(self):
         actor, pg = self.actor, self.actor.policy_loss == "pg"
-        _check(self.reward.fn == NO_REWARD or pg, "reward.fn", self.reward.fn, "needs actor.policy_loss=pg: a task "
+        check(self.reward.fn == NO_REWARD or pg, "reward.fn", self.reward.fn, "needs actor.policy_loss=pg: a task "
                "reward enters only the policy-gradient loss's advantages")
-        _check(self.reward.fn == NO_REWARD or self.rollout.n >= 2, "rollout.n", self.rollout.n, f"must be >= 2 with "
+        check(self.reward.fn == NO_REWARD or self.rollout.n >= 2, "rollout.n", self.rollout.n, f"must be >= 2 with "
                f"reward.fn={self.reward.fn}: a reward's baseline is the mean over the samples of its prompt")
         if not pg:
             return
-        _check(self.trainer.mode == "distill", "actor.policy_loss", "pg", "trains on the student's own samples: "
+        check(self.trainer.mode == "distill", "actor.policy_loss", "pg", "trains on the student's own samples: "
                "use trainer.mode=distill")
-        _check(actor.lmbda == 1, "actor.lmbda", actor.lmbda, "must be 1 with actor.policy_loss=pg: a policy "
+        check(actor.lmbda == 1, "actor.lmbda", actor.lmbda, "must be 1 with actor.policy_loss=pg: a policy "
                "gradient needs the student's own samples (given responses have no sampling log-probs)")
         temperature = divergence_temperature(self)
-        _check(temperature == self.rollout.temperature, "actor.kl_temperature", actor.kl_temperature,
+        check(temperature == self.rollout.temperature, "actor.kl_temperature", actor.kl_temperature,
                f"must be null or rollout.temperature={self.rollout.temperature} with actor.policy_loss=pg: the "
                f"advantages and ratios are those of the distribution the samples were drawn from")
-        _check(actor.kl_discount == 0 or self.parallel.context == 1, "actor.kl_discount", actor.kl_discount,
+        check(actor.kl_discount == 0 or self.parallel.context == 1, "actor.kl_discount", actor.kl_discount,
                f"must be 0 with parallel.context={self.parallel.context}: a discounted sum runs over the whole "
                f"response, which context parallelism splits across ranks")
 
 
-def teacher_layout(cfg: OPDConfig) -> Optional[ParallelConfig]:
-    """The Megatron teacher's own layout, or None where it is the student's (co-located: the student's groups,
-    CP included, and micro-batches). teacher.parallel's unset sizes are the student's."""
-    own = cfg.teacher.parallel
+def run_teachers(cfg: OPDConfig) -> dict[str, TeacherConfig]:
+    """The run's teachers by name: `teachers`, or `teacher.*` as the one teacher named SINGLE_TEACHER."""
+    return dict(cfg.teachers) if cfg.teachers else {SINGLE_TEACHER: cfg.teacher}
+
+
+def teacher_layout(cfg: OPDConfig, teacher: Optional[TeacherConfig] = None) -> Optional[ParallelConfig]:
+    """A Megatron teacher's own layout (`teacher`, default teacher.*), or None where it is the student's
+    (co-located: the student's groups, CP included, and micro-batches). Its unset sizes are the student's."""
+    own = (teacher or cfg.teacher).parallel
     tensor, pipeline = own.tensor or cfg.parallel.tensor, own.pipeline or cfg.parallel.pipeline
     if (tensor, pipeline) == (cfg.parallel.tensor, cfg.parallel.pipeline):
         return None
