@@ -23,8 +23,9 @@ setup(
     ],
     entry_points={"console_scripts": [
         "opd-convert=checkpoint_tools.cli:main",
-        "opd-train=megatron_opd.train:main",
-        "opd-generate=megatron_opd.generate:main",
+        "opd-train=megatron_opd.train:cli",
+        "opd-generate=megatron_opd.generate:cli",
+        "opd-doctor=megatron_opd.doctor.cli:console",
     ],
         # data_source -> its scorer (megatron_opd/data/scorers.py)
         "megatron_opd.scorers": ["synthetic_walk=megatron_opd.demo.walk:score"]},

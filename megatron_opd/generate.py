@@ -21,10 +21,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_opd.config import ConfigError, ModelConfig, RolloutConfig
+from megatron_opd.config.verl_keys import GENERATE_ALIASES, rewrite_argv
 from megatron_opd.data.config import DataConfig
 from megatron_opd.parallel.device import DEVICE_KINDS
 from megatron_opd.parallel.quiet import quiet_known_messages
-from megatron_opd.train import CONFIG_DIR
+from megatron_opd.config.composition import CONFIG_DIR
 
 
 @dataclass
@@ -129,5 +130,11 @@ def main(raw) -> None:
     generate(cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """opd-generate and `python -m`: verl's main_generation keys translated (config/verl_keys.py), then main."""
+    rewrite_argv(GENERATE_ALIASES)
     main()
+
+
+if __name__ == "__main__":
+    cli()

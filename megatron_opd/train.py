@@ -7,18 +7,16 @@ Run: python -m megatron_opd.train --config-name=distillation_trainer student.pat
 A bad config, data file, checkpoint or device ends the run at start-up with one line naming the
 problem (`error: ...`, exit code 2), before any step; errors after start-up keep their traceback.
 """
-import os
 import sys
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_opd.parallel.quiet import quiet_known_messages
 from megatron_opd.config import OPDConfig, to_config
+from megatron_opd.config.composition import CONFIG_DIR
+from megatron_opd.config.verl_keys import TRAIN_ALIASES, rewrite_argv
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-ConfigStore.instance().store(name="opd_schema", node=OPDConfig)
 STARTUP_EXIT_CODE = 2
 
 
@@ -40,13 +38,18 @@ def startup_errors() -> tuple:
 
 
 def start(cfg: OPDConfig):
-    """Join the process group on `trainer.device` and set the run up (models, engine, resume)."""
+    """Join the process group on `trainer.device`, run opd-doctor's cheap checks (trainer.doctor) and set the
+    run up (models, engine, resume)."""
+    import torch.distributed as dist
+
+    from megatron_opd.doctor import startup_checks
     from megatron_opd.parallel import init_distributed, read_launch_env, resolve_device
     from megatron_opd.trainer.loop import Trainer
 
     launch = read_launch_env()
-    init_distributed(timeout_s=cfg.trainer.collective_timeout_s, launch=launch,
-                     device=resolve_device(cfg.trainer.device, launch.local_rank))
+    device = resolve_device(cfg.trainer.device, launch.local_rank)
+    init_distributed(timeout_s=cfg.trainer.collective_timeout_s, launch=launch, device=device)
+    startup_checks(cfg, dist.get_world_size(), device, print_report=dist.get_rank() == 0)
     return Trainer(cfg)
 
 
@@ -85,5 +88,11 @@ def main(raw) -> None:
         destroy()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """opd-train, `python -m` and torchrun's `-m`: verl's keys translated (config/verl_keys.py), then main."""
+    rewrite_argv(TRAIN_ALIASES)
     main()
+
+
+if __name__ == "__main__":
+    cli()

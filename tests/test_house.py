@@ -9,7 +9,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("megatron_opd", "checkpoint_tools")
-ENTRY_POINTS = {"train", "generate"}
+ENTRY_POINTS = {"train", "generate", "doctor"}
 NEVER = {  # room -> rooms it must not import
     "loss": {"models", "rollout", "trainer", "teacher"},
     "teacher": {"trainer"},

@@ -39,6 +39,12 @@ def long_prompt_file(path):
     return str(path)
 
 
+def other_chat_template(setup, tmp_path) -> str:
+    from tests.doctor.test_doctor import with_chat_template
+
+    return "teacher.path=" + with_chat_template(setup["teacher"], str(tmp_path / "templated"), "{{ messages }}")
+
+
 @pytest.mark.parametrize("start, override, says", [
     (cli, "actor.kl_loss_type=foo", "actor.kl_loss_type='foo': must be one of kl|abs|mse|low_var_kl"),
     (cli, "trainer.device=cuda", "trainer.device=cuda: "),
@@ -46,11 +52,15 @@ def long_prompt_file(path):
     (forked_main, "trainer.resume=/nonexistent/step_000001", "trainer.resume=/nonexistent/step_000001: not a "
                                                             "complete trainer checkpoint"),
     (forked_main, "overlong", "row 3: key 'prompt': prompt has more tokens than data.max_prompt_length=128"),
-], ids=["bad-value", "no-gpu", "missing-data", "not-a-checkpoint", "overlong-prompt"])
+    (forked_main, "doctor", "trainer.doctor=strict: a start-up check failed"),
+], ids=["bad-value", "no-gpu", "missing-data", "not-a-checkpoint", "overlong-prompt", "doctor-strict"])
 def test_bad_input_stops_start_up_with_one_line(distill_setup, tmp_path, start, override, says):
+    extra = ()
     if override == "overlong":
         override = f"data.train_files={long_prompt_file(tmp_path / 'long.parquet')}"
-    code, stderr = start(distill_setup, tmp_path / "run", override)
+    if override == "doctor":  # a teacher whose chat template differs from the student's
+        override, extra = other_chat_template(distill_setup, tmp_path), ("trainer.doctor=strict",)
+    code, stderr = start(distill_setup, tmp_path / "run", override, *extra)
     assert code == 2, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("error: ") and says in errors[0], stderr[-3000:]

@@ -93,6 +93,16 @@ class PromptDataset:
                 lengths.extend(prompt_lengths(self.tokenizer, texts))
         return np.asarray(lengths, dtype=np.int64)
 
+    def first_rows_by_source(self) -> dict:
+        """data_source -> (file, row in it) of its first row the dataset serves (read from that column only)."""
+        kept = None if self._kept_rows is None else set(self._kept_rows.tolist())
+        first = {}
+        for source, start in zip(self.sources, self._starts):
+            for local_row, name in enumerate(source.data_sources()):
+                if name not in first and (kept is None or int(start) + local_row in kept):
+                    first[name] = (source.path, local_row)
+        return first
+
     def __getitem__(self, index: int) -> dict:
         index = operator.index(index)
         if not -len(self) <= index < len(self):

@@ -61,6 +61,10 @@ class ParquetSource:
         record = {key: self._table.column(key)[index].as_py() for key in self._columns}
         return check_row(record, self.path, index, self.prompt_key, **self.keys)
 
+    def data_sources(self) -> list:
+        """Every row's data_source, from the column alone."""
+        return self._table.column("data_source").to_pylist()
+
     def rows(self, start: int, stop: int) -> list:
         """Rows start..stop-1, converted column-wise (many times faster than row by row)."""
         records = self._table.slice(start, stop - start).to_pylist()
@@ -114,6 +118,9 @@ class JsonlSource:
 
     def rows(self, start: int, stop: int) -> list:
         return [self.row(index) for index in range(start, stop)]
+
+    def data_sources(self) -> list:
+        return [record["data_source"] for record in self.rows(0, len(self))]
 
 
 def open_source(path, prompt_key: str = "prompt", response_key: Optional[str] = None,

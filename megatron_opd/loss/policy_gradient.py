@@ -9,6 +9,8 @@ opd estimator and the Tinker cookbook): the teacher enters only through the samp
 With advantages held fixed and the ratio at 1, the gradient of the surrogate is -A_t * grad log pi(y_t): the
 probability-weighted sum of it over every response is the gradient of the exact sequence-level reverse KL
 (discount 1) or of the per-position KLs with the visited prefixes held fixed (discount 0)."""
+from typing import Optional
+
 import torch
 
 
@@ -26,9 +28,13 @@ def discounted_sums(values: torch.Tensor, mask: torch.Tensor, discount: float) -
 
 
 def kl_advantages(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor, coef: float,
-                  discount: float) -> torch.Tensor:
-    """Per-token advantages [b, s] of the reverse KL (no gradient flows through them)."""
-    return discounted_sums(-coef * (logprobs - teacher_logprobs).detach(), mask, discount)
+                  discount: float, clamp: Optional[float] = None) -> torch.Tensor:
+    """Per-token advantages [b, s] of the reverse KL (no gradient flows through them); `clamp`: each token's
+    log-ratio clamped to [-clamp, clamp] first (verl's loss_max_clamp)."""
+    log_ratio = (logprobs - teacher_logprobs).detach()
+    if clamp is not None:
+        log_ratio = log_ratio.clamp(-clamp, clamp)
+    return discounted_sums(-coef * log_ratio, mask, discount)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ class TokenBatch:
     on_policy: torch.Tensor  # [B] True where the response is the student's own sample
     engine_logprobs: torch.Tensor  # [B, S] the engine's log-prob of labels[t] where it sampled it, else 0
     reward_advantages: torch.Tensor  # [B] a sample's task reward minus its prompt's mean (0 without reward.fn)
+    teacher_index: torch.Tensor  # [B] which of the run's teachers scores the sequence (by its data source)
 
     @property
     def size(self) -> int:
@@ -32,7 +33,8 @@ class TokenBatch:
         """Rows `rows` (a slice or index tensor), cut to the first `length` positions (default: all)."""
         cut = slice(None, length)
         return TokenBatch(*(self._per_token(lambda t: t[rows, cut])), self.index[rows], self.lengths[rows],
-                          self.on_policy[rows], self.engine_logprobs[rows, cut], self.reward_advantages[rows])
+                          self.on_policy[rows], self.engine_logprobs[rows, cut], self.reward_advantages[rows],
+                          self.teacher_index[rows])
 
     def _per_token(self, cut) -> tuple:
         return tuple(cut(t) for t in (self.tokens, self.labels, self.loss_mask, self.position_ids))
@@ -97,11 +99,11 @@ def _at_response(prompt: list, response: list, values, length: int, default: flo
 
 def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device,
                 multiple: int = 1, on_policy: list[bool] = None, response_masks: list = None,
-                engine_logprobs: list = None, reward_advantages: list = None) -> TokenBatch:
+                engine_logprobs: list = None, reward_advantages: list = None, teacher_index: list = None) -> TokenBatch:
     """`on_policy`: which responses the student sampled (default: all); `response_masks`: per response a 0/1
     list over its tokens (data.response_skip_key), or None to train on every token; `engine_logprobs`: per
     response the engine's log-prob of each token, or None (a given response); `reward_advantages`: per
-    response a number (default 0)."""
+    response a number (default 0); `teacher_index`: per response its teacher (default 0, the one teacher)."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     length = padded_length(max(lengths), multiple)
     tokens, loss_mask, sampled = [], [], []
@@ -120,4 +122,5 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: in
                       torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device),
                       torch.tensor([True] * len(prompts) if on_policy is None else on_policy, device=device),
                       torch.tensor(sampled, dtype=torch.float32, device=device),
-                      torch.tensor(reward_advantages or [0.0] * len(prompts), dtype=torch.float32, device=device))
+                      torch.tensor(reward_advantages or [0.0] * len(prompts), dtype=torch.float32, device=device),
+                      torch.tensor(teacher_index or [0] * len(prompts), dtype=torch.long, device=device))

@@ -1,23 +1,26 @@
 """The teacher: a frozen megatron model on the trainer's ranks (in the student's layout or its own), or a
-model on its own SGLang server, behind one interface (teacher/interface.py); what it keeps of a pass, and how
-that reaches the student's loss."""
+model on its own SGLang server, behind one interface (teacher/interface.py); several of them routed by each
+row's data source (teacher/routed.py); what a teacher keeps of a pass, and how that reaches the student's
+loss."""
 from megatron_opd.teacher.interface import Teacher
 from megatron_opd.teacher.megatron_teacher import MegatronTeacher
+from megatron_opd.teacher.routed import RoutedTeachers
 
 
-def make_teacher(cfg, dtype: str, vocab_size: int, student, student_vocab_shard: int) -> Teacher:
-    """Collective. `teacher.engine`: megatron (on the trainer's ranks) or sglang (its own server)."""
+def make_teacher(cfg, teacher, key: str, dtype: str, vocab_size: int, student, student_vocab_shard: int) -> Teacher:
+    """Collective. One teacher of the run (`teacher`: its TeacherConfig, `key`: teacher or teachers.<name>), by
+    its engine: megatron (on the trainer's ranks) or sglang (its own server)."""
     from megatron_opd.config import divergence_temperature, teacher_layout
     from megatron_opd.parallel.own_layout import own_layout_dims
 
-    if cfg.teacher.engine == "sglang":
+    if teacher.engine == "sglang":
         from megatron_opd.teacher.served import ServedTeacher
 
-        return ServedTeacher(cfg, student, vocab_size)
-    layout = teacher_layout(cfg)
+        return ServedTeacher(cfg, teacher, student, vocab_size, key)
+    layout = teacher_layout(cfg, teacher)
     own_dims = None if layout is None else own_layout_dims(layout, student)
-    return MegatronTeacher(cfg.teacher.path, dtype, student, own_dims, cfg.actor, divergence_temperature(cfg),
+    return MegatronTeacher(teacher.path, dtype, student, own_dims, cfg.actor, divergence_temperature(cfg),
                            vocab_size, student_vocab_shard)
 
 
-__all__ = ["MegatronTeacher", "Teacher", "make_teacher"]
+__all__ = ["MegatronTeacher", "RoutedTeachers", "Teacher", "make_teacher"]

@@ -17,12 +17,14 @@ class Teacher(abc.ABC):
     def __init__(self, student: ParallelDims):
         self.student = student
         self.bytes_moved = 0  # teacher outputs this rank sent to others in the last step
+        self.step_metrics = {}  # the last step's metrics of its own (several teachers: each one's)
 
     @abc.abstractmethod
-    def outputs(self, samples: list, batch, student_micro_batches: list) -> list:
+    def outputs(self, samples: list, batch, student_micro_batches: list, rows=None) -> list:
         """Collective. Per student micro-batch, what the loss needs of the teacher (teacher/outputs.py), on the
         student's last stage ([] elsewhere). `samples`: the step's (prompt ids, response ids); `batch`: their
-        TokenBatch."""
+        TokenBatch; `rows`: [B] bool, the sequences to score (None: all; the others may hold zeros, or a
+        micro-batch with none of them None)."""
 
     def bytes_per_token(self, batch) -> float:
         """Collective: the bytes of teacher outputs all ranks sent to others this step, per token of the step."""

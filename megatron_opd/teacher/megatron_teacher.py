@@ -80,17 +80,30 @@ class MegatronTeacher(Teacher):
         return forward_pass(self.chunks, micro_batches, keep, self.dims.cp_size, self.dims.pg_collection,
                             final_hidden_states if full else None)
 
-    def outputs(self, samples, batch, student_micro_batches: list) -> list:
+    def outputs(self, samples, batch, student_micro_batches: list, rows=None) -> list:
         if self.colocated:
-            return self._pass(student_micro_batches)
+            wanted = [m for m, mb in enumerate(student_micro_batches) if scores_any(mb, rows)]
+            kept = self._pass([student_micro_batches[m] for m in wanted]) if wanted else []
+            if not self.student.is_last_stage:
+                return []
+            out = [None] * len(student_micro_batches)
+            for m, values in zip(wanted, kept):
+                out[m] = values
+            return out
         dims, length = self.dims, batch.tokens.shape[1]
-        rows = batch.size // dims.dp_size
-        mine = (dims.dp_rank * rows, (dims.dp_rank + 1) * rows)
-        micro = split_micro_batches(batch.rows(*mine), self.actor.micro_batch_size, self.actor.max_tokens_per_micro_batch,
-                                    dims.config.sequence_multiple)
-        kept = self._pass(micro)
+        share = batch.size // dims.dp_size
+        mine = (dims.dp_rank * share, (dims.dp_rank + 1) * share)
+        micro = [mb for mb in split_micro_batches(batch.rows(*mine), self.actor.micro_batch_size,
+                                                  self.actor.max_tokens_per_micro_batch, dims.config.sequence_multiple)
+                 if scores_any(mb, rows)]
+        kept = self._pass(micro) if micro else []
         holds = holds_outputs(dims)
-        held = whole_rows(kept, micro, self.fields, mine[0], rows, length, self.student.device) if holds else {}
+        held = whole_rows(kept, micro, self.fields, mine[0], share, length, self.student.device) if holds else {}
         out, self.bytes_moved = deliver(held, mine if holds else None, self.fields, self.student,
                                         student_micro_batches, batch.size, length)
         return out
+
+
+def scores_any(micro_batch, rows) -> bool:
+    """Whether a micro-batch holds a sequence the teacher scores (`rows`: [B] over the step's batch; None: all)."""
+    return rows is None or bool(rows[micro_batch.index].any())

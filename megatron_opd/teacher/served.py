@@ -28,7 +28,7 @@ from megatron_opd.rollout.sglang_engine import SGLangEngine
 from megatron_opd.teacher.interface import Teacher
 from megatron_opd.teacher.outputs import deliver, output_fields
 
-SERVER_LOG = "teacher_sglang.log"  # under trainer.save_dir unless teacher.sglang.log_path names one
+SERVER_LOG = "{name}_sglang.log"  # under trainer.save_dir unless the teacher's sglang.log_path names one
 
 
 class TeacherEngine(SGLangEngine):
@@ -54,14 +54,14 @@ def shared_vocab_topk(scored: ScoredSequence, k: int, vocab_size: int) -> tuple[
 
 
 class ServedTeacher(Teacher):
-    def __init__(self, cfg, student: ParallelDims, vocab_size: int):
-        """`vocab_size`: the vocabulary both tokenizers share. Rank 0 starts or connects to the server."""
+    def __init__(self, cfg, teacher, student: ParallelDims, vocab_size: int, key: str = "teacher"):
+        """`teacher`: its TeacherConfig, `key` its place in the config (teacher, teachers.<name>); `vocab_size`:
+        the vocabulary both tokenizers share. Rank 0 starts or connects to the server."""
         super().__init__(student)
-        teacher = cfg.teacher
         if teacher.url is None and not is_hf_dir(teacher.path):  # every rank: none may go on without the others
-            raise ConfigError(f"teacher.path={teacher.path}: a converted Megatron checkpoint, which an SGLang "
+            raise ConfigError(f"{key}.path={teacher.path}: a converted Megatron checkpoint, which an SGLang "
                               f"server cannot load; convert it with `opd-convert mcore-to-hf --mcore {teacher.path} "
-                              f"--out DIR` and set teacher.path=DIR (or use teacher.engine=megatron)")
+                              f"--out DIR` and set {key}.path=DIR (or use {key}.engine=megatron)")
         self.kind, self.vocab_size = cfg.actor.kl_loss_type, vocab_size
         self.top_k = cfg.actor.topk if self.kind in TOPK_KINDS else 0
         self.fields = output_fields(self.kind, cfg.actor.topk, 0, torch.float32)
@@ -69,8 +69,9 @@ class ServedTeacher(Teacher):
         if student.rank == 0:
             config = teacher.sglang
             if config.log_path is None:
-                config = dataclasses.replace(config, log_path=os.path.join(cfg.trainer.save_dir, SERVER_LOG))
-            self.engine = TeacherEngine(teacher.path, config, student.device, url=teacher.url, url_key="teacher.url")
+                config = dataclasses.replace(config, log_path=os.path.join(cfg.trainer.save_dir,
+                                                                           SERVER_LOG.format(name=key.replace(".", "_"))))
+            self.engine = TeacherEngine(teacher.path, config, student.device, url=teacher.url, url_key=f"{key}.url")
             # A position's top-k can hold at most this many padding ids, which the shared vocabulary drops.
             self.padding_rows = max(self.engine.model_vocab_size - vocab_size, 0)
             if teacher.url is None:
@@ -92,13 +93,15 @@ class ServedTeacher(Teacher):
                 scored[i] = rescored
         return scored
 
-    def _rows(self, samples, length: int) -> dict:
-        """Rank 0: every sequence's values [B, length, ...] (zeros from its last token on)."""
+    def _rows(self, samples, length: int, wanted: list[int]) -> dict:
+        """Rank 0: the `wanted` sequences' values in [B, length, ...] (zeros from a sequence's last token on,
+        and in the rows not wanted)."""
         sequences = [list(prompt) + list(response) for prompt, response in samples]
         # Filled from the server's lists in host memory, then moved to the run's device in one copy.
         rows = {name: torch.zeros((len(sequences), length, *shape), dtype=dtype, device=HOST)
                 for name, (shape, dtype) in self.fields.items()}
-        for row, scored in enumerate(self._scored(sequences)):
+        scored_rows = self._scored([sequences[row] for row in wanted]) if wanted else []
+        for row, scored in zip(wanted, scored_rows):
             # Position t holds the log-prob of token t + 1 (SGLang's input_token_logprobs after its first entry).
             scored_positions = len(scored.token_logprobs)
             if self.top_k:
@@ -110,9 +113,10 @@ class ServedTeacher(Teacher):
                 rows["logprobs"][row, :scored_positions] = torch.tensor(scored.token_logprobs, device=HOST)
         return {name: value.to(self.student.device) for name, value in rows.items()}
 
-    def outputs(self, samples, batch, student_micro_batches: list) -> list:
+    def outputs(self, samples, batch, student_micro_batches: list, rows=None) -> list:
         length = batch.tokens.shape[1]
-        held = self._rows(samples, length) if self.engine is not None else {}
+        wanted = list(range(batch.size)) if rows is None else torch.nonzero(rows).squeeze(-1).tolist()
+        held = self._rows(samples, length, wanted) if self.engine is not None else {}
         out, self.bytes_moved = deliver(held, (0, batch.size) if self.engine is not None else None, self.fields,
                                         self.student, student_micro_batches, batch.size, length)
         return out

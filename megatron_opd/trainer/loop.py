@@ -52,11 +52,16 @@ def _combine(name: str, values: list) -> float:
 
 
 def _part_means(summed: dict) -> dict:
-    """The KL of each part's tokens (token-mean), from the summed per-part shares."""
+    """The KL of each part's and each teacher's tokens (token-mean), from their summed shares."""
     for part in PARTS:
         tokens, kl_sum = summed.pop(f"actor/tokens_{part}", 0.0), summed.pop(f"actor/kl_sum_{part}", 0.0)
         if tokens:
             summed[f"actor/kl_loss_{part}"] = kl_sum / tokens
+    for name in [name for name in summed if name.startswith("teacher/") and name.endswith("/kl_sum")]:
+        teacher = name.removesuffix("/kl_sum")
+        tokens, kl_sum = summed.pop(f"{teacher}/kl_tokens"), summed.pop(name)
+        if tokens:
+            summed[f"{teacher}/kl_loss"] = kl_sum / tokens
     return summed
 
 
@@ -64,8 +69,7 @@ class Trainer:
     def __init__(self, cfg: OPDConfig):
         self.cfg = cfg
         self.run = Run(cfg)
-        self.objective = Objective.of_run(cfg, self.run.vocab_size, self.run.dims.tp_group,
-                                          self.run.teacher.head_weight if self.run.teacher is not None else None)
+        self.objective = Objective.of_run(cfg, self.run.vocab_size, self.run.dims.tp_group, self.run.teacher)
 
     def _optimizer_step(self, mini: list, teacher: list, old_logprobs: list) -> dict:
         """One optimizer step on a mini-batch (this rank's micro-batches); its global metrics."""
@@ -132,6 +136,7 @@ class Trainer:
         metrics["actor/lr"] = run.optimizer.param_groups[0]["lr"]
         if run.teacher is not None:
             metrics["teacher/bytes_moved_per_token"] = run.teacher.bytes_per_token(batch)
+            metrics.update(run.teacher.step_metrics)
         return metrics, teacher_s
 
     def validate(self) -> dict:

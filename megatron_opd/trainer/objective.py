@@ -22,6 +22,7 @@ from megatron_opd.loss.kinds import FULL_KINDS, SAMPLED_KINDS
 from megatron_opd.loss.policy_gradient import clipped_surrogate, kl_advantages, mismatch_weights
 from megatron_opd.loss.topk import topk_bucket_divergence
 from megatron_opd.models.batch import TokenBatch
+from megatron_opd.teacher.routed import per_teacher
 
 PARTS = ("on_policy", "off_policy")  # the student's own samples; given responses (actor.lmbda < 1)
 
@@ -47,16 +48,19 @@ class LossInputs:
 
 class Objective:
     def __init__(self, actor: ActorConfig, temperature: float, vocab_size: int, group: Any = None,
-                 head_weight: Optional[torch.Tensor] = None, reward_coef: float = 0.0, sft: bool = False):
+                 head_weight=None, reward_coef: float = 0.0, sft: bool = False, teacher_names: tuple = ()):
         """`group`: the TP group (None: one vocabulary shard); `head_weight`: the teacher's output layer cut to
-        the student's shard (full kinds)."""
+        the student's shard (full kinds), or with several teachers (`teacher_names`, in the batch's
+        teacher_index order) a list of them."""
         self.actor, self.temperature, self.vocab_size, self.group = actor, temperature, vocab_size, group
-        self.head_weight, self.reward_coef, self.sft = head_weight, reward_coef, sft
+        self.head_weight, self.reward_coef, self.sft, self.teacher_names = head_weight, reward_coef, sft, teacher_names
 
     @classmethod
-    def of_run(cls, cfg: OPDConfig, vocab_size: int, group, head_weight) -> "Objective":
-        return cls(cfg.actor, divergence_temperature(cfg), vocab_size, group, head_weight, cfg.reward.coef,
-                   cfg.trainer.mode == "sft")
+    def of_run(cls, cfg: OPDConfig, vocab_size: int, group, teacher) -> "Objective":
+        routed = isinstance(getattr(teacher, "head_weight", None), list)
+        return cls(cfg.actor, divergence_temperature(cfg), vocab_size, group,
+                   teacher.head_weight if teacher is not None else None, cfg.reward.coef, cfg.trainer.mode == "sft",
+                   tuple(teacher.names) if routed else ())
 
     def __call__(self, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
         """The micro-batch's share of the loss (shares sum to the mini-batch's value) and its metrics."""
@@ -77,18 +81,45 @@ class Objective:
                                     vocab_size=self.vocab_size)
 
     def per_token_kl(self, inputs: LossInputs, sampled_logprobs=None) -> torch.Tensor:
-        """[mb, s]. `sampled_logprobs`: the student's log-probs of the labels, when the caller has them."""
-        kind, teacher, labels = self.actor.kl_loss_type, inputs.teacher, inputs.batch.labels
-        if kind in FULL_KINDS:
-            return fused_linear_divergence(inputs.hidden, inputs.weight, teacher["hidden"], self.head_weight, kind=kind,
-                                           beta=self.actor.jsd_beta, temperature=self.temperature, group=self.group,
-                                           vocab_size=self.vocab_size)
-        if kind in SAMPLED_KINDS:
-            if sampled_logprobs is None:
-                sampled_logprobs = self.log_probs(inputs.hidden, inputs.weight, labels)
-            return sampled_token_kl(sampled_logprobs, teacher["logprobs"], kind)
-        student_topk = self.log_probs(inputs.hidden, inputs.weight, teacher["topk_ids"])
-        return topk_bucket_divergence(student_topk, teacher["topk_logprobs"], kind.removeprefix("topk_"))
+        """[mb, s], each row against its own teacher. `sampled_logprobs`: the student's log-probs of the labels,
+        when the caller has them."""
+        kind, labels = self.actor.kl_loss_type, inputs.batch.labels
+
+        def divergence(rows, teacher, head):
+            hidden = inputs.hidden[rows]
+            if kind in FULL_KINDS:
+                return fused_linear_divergence(hidden, inputs.weight, teacher["hidden"], head, kind=kind,
+                                               beta=self.actor.jsd_beta, temperature=self.temperature, group=self.group,
+                                               vocab_size=self.vocab_size)
+            if kind in SAMPLED_KINDS:
+                student = (sampled_logprobs[rows] if sampled_logprobs is not None
+                           else self.log_probs(hidden, inputs.weight, labels[rows]))
+                return sampled_token_kl(*self._floored(student, teacher["logprobs"]), kind)
+            student_topk = self.log_probs(hidden, inputs.weight, teacher["topk_ids"])
+            return topk_bucket_divergence(*self._floored(student_topk, teacher["topk_logprobs"]),
+                                          kind.removeprefix("topk_"))
+
+        kl = per_teacher(inputs.teacher, inputs.batch, self.head_weight, divergence)
+        clamp = self.actor.loss_max_clamp
+        return kl if clamp is None else kl.clamp(-clamp, clamp)
+
+    def _floored(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple:
+        """actor.log_prob_min_clamp: both sides' log-probs floored before an estimator (verl's knob)."""
+        floor = self.actor.log_prob_min_clamp
+        return (student, teacher) if floor is None else (student.clamp(min=floor), teacher.clamp(min=floor))
+
+    def _teacher_metrics(self, inputs: LossInputs, kl: torch.Tensor) -> dict:
+        """Per teacher: its tokens' summed divergence and their count (the loop makes them a token-mean), and
+        with actor.loss_max_clamp the tokens where the clamp binds."""
+        mask, metrics = inputs.batch.loss_mask, {}
+        if self.actor.loss_max_clamp is not None:
+            bound = (kl.detach().abs() >= self.actor.loss_max_clamp).to(mask.dtype)
+            metrics["actor/loss_clamp_frac"] = inputs.aggregate(bound, "token-mean")
+        for index, name in enumerate(self.teacher_names):
+            rows = mask * (inputs.batch.teacher_index == index)[:, None]
+            metrics[f"teacher/{name}/kl_sum"] = (kl.detach() * rows).sum()
+            metrics[f"teacher/{name}/kl_tokens"] = rows.sum()
+        return metrics
 
     def direct_loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
         """kl_loss_coef x the divergence - entropy_coeff x entropy. With actor.lmbda < 1 also the KL sum and
@@ -100,6 +131,7 @@ class Objective:
                                           actor.loss_agg_mode, global_num_tokens=counts.num_tokens,
                                           global_num_seqs=counts.num_seqs,
                                           seq_num_tokens=counts.seq_num_tokens[inputs.index])
+        metrics.update(self._teacher_metrics(inputs, kl))
         if actor.lmbda < 1:
             on_policy = inputs.batch.on_policy
             for part, rows in zip(PARTS, (on_policy, ~on_policy)):
@@ -109,12 +141,17 @@ class Objective:
         return loss, metrics
 
     def teacher_token_log_probs(self, inputs: LossInputs) -> torch.Tensor:
-        """The teacher's log-prob of each sampled token [mb, s]: kept as such (sampled kinds), or formed from its
-        hidden states and output layer (full kinds)."""
-        if self.actor.kl_loss_type in SAMPLED_KINDS:
-            return inputs.teacher["logprobs"]
-        with torch.no_grad():
-            return self.log_probs(inputs.teacher["hidden"], self.head_weight, inputs.batch.labels)
+        """Each row's teacher's log-prob of each sampled token [mb, s]: kept as such (sampled kinds), or formed
+        from its hidden states and output layer (full kinds)."""
+        labels = inputs.batch.labels
+
+        def token_log_probs(rows, teacher, head):
+            if self.actor.kl_loss_type in SAMPLED_KINDS:
+                return teacher["logprobs"]
+            with torch.no_grad():
+                return self.log_probs(teacher["hidden"], head, labels[rows])
+
+        return per_teacher(inputs.teacher, inputs.batch, self.head_weight, token_log_probs)
 
     def policy_gradient_loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
         """The PPO-clipped policy-gradient loss on the micro-batch's sampled tokens. The advantages are taken at
@@ -123,8 +160,8 @@ class Objective:
         actor, mb, mask = self.actor, inputs.batch, inputs.batch.loss_mask
         logprobs = self.log_probs(inputs.hidden, inputs.weight, mb.labels)
         old = logprobs.detach() if inputs.old_logprobs is None else inputs.old_logprobs
-        advantages = kl_advantages(old, self.teacher_token_log_probs(inputs), mask, actor.kl_loss_coef,
-                                   actor.kl_discount)
+        advantages = kl_advantages(*self._floored(old, self.teacher_token_log_probs(inputs)), mask, actor.kl_loss_coef,
+                                   actor.kl_discount, actor.loss_max_clamp)
         advantages = advantages + self.reward_coef * mb.reward_advantages[:, None] * mask
         per_token, clipped = clipped_surrogate(logprobs, old, advantages, actor.clip_ratio)
         weights, metrics = mismatch_weights(old, mb.engine_logprobs, mask, actor.is_cap or math.inf, actor.is_mode,
@@ -139,6 +176,7 @@ class Objective:
                         "actor/pg_clipfrac": inputs.aggregate(clipped.to(mask.dtype), "token-mean"),
                         "actor/advantage_mean": inputs.aggregate(advantages, "token-mean"),
                         "actor/kl_loss": inputs.aggregate(kl, actor.loss_agg_mode)})
+        metrics.update(self._teacher_metrics(inputs, kl))
         if actor.entropy_coeff:
             entropy = inputs.aggregate(self._entropy(inputs), actor.loss_agg_mode)
             metrics["actor/entropy_loss"] = entropy.detach()

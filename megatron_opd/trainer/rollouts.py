@@ -27,10 +27,12 @@ class StepSamples:
     rewards: Optional[list]  # per sequence, with reward.fn set: its task reward
     reward_advantages: Optional[list]  # per sequence, with reward.fn set: its reward minus its prompt's mean
     metrics: dict
+    teacher_index: Optional[list] = None  # per sequence, with several teachers: its teacher's, by data source
 
     def batch(self, pad_id: int, device, multiple: int) -> TokenBatch:
         return build_batch([p for p, _ in self.pairs], [r for _, r in self.pairs], pad_id, device, multiple,
-                           self.on_policy, self.loss_masks, self.engine_logprobs, self.reward_advantages)
+                           self.on_policy, self.loss_masks, self.engine_logprobs, self.reward_advantages,
+                           self.teacher_index)
 
 
 def broadcast(obj, src: int = 0):
@@ -109,8 +111,10 @@ def step_samples(run, cfg, step: int, items: list[dict]) -> StepSamples:
         metrics["reward/mean"] = sum(rewards) / len(rewards)
         advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64, device=run.dims.device), n).tolist()
     masks = [None if i in own else item.get("response_loss_mask") for i, item in enumerate(items) for _ in range(n)]
+    teachers = None if run.routing is None else [run.routing.index_of(item["data_source"]) for item in items
+                                                 for _ in range(n)]
     return StepSamples(pairs, [i in own for i in range(len(items)) for _ in range(n)], masks, logprobs, rewards,
-                       advantages, metrics)
+                       advantages, metrics, teachers)
 
 
 def dump_rollouts(directory: str, step: int, samples: StepSamples, tokenizer) -> None:

@@ -8,7 +8,8 @@ import os
 import torch
 
 from checkpoint_tools.pretrained import checkpoint_dtype, is_hf_dir, load_pretrained
-from megatron_opd.config import MODEL_DTYPES, ConfigError, ModelConfig, OPDConfig, teacher_layout
+from megatron_opd.config import (
+    MODEL_DTYPES, ConfigError, ModelConfig, OPDConfig, TeacherRouting, run_teachers, teacher_layout)
 from megatron_opd.data.prompt_dataset import PromptDataset
 from megatron_opd.data.sampler import PromptSampler
 from megatron_opd.data.scorers import mean_score
@@ -18,7 +19,7 @@ from megatron_opd.parallel import DeviceError, ParallelConfig, current_device, i
 from megatron_opd.rollout.factory import make_engine
 from megatron_opd.rollout.engine import SamplingParams
 from megatron_opd.rollout.hf_dir import HFDirWriter
-from megatron_opd.teacher import make_teacher
+from megatron_opd.teacher import RoutedTeachers, make_teacher
 from megatron_opd.trainer import checkpoint
 from megatron_opd.trainer.metrics import Metrics
 from megatron_opd.trainer.optim import wrap_and_build_optimizer
@@ -34,6 +35,41 @@ def _check_layout(layout: ParallelConfig, world_size: int, key: str, path: str, 
         raise ConfigError(f"{key}={path}: {err}") from None
 
 
+def teacher_keys(cfg: OPDConfig) -> dict:
+    """The run's teachers by their place in the config: teacher, or teachers.<name> each."""
+    if not cfg.teachers:
+        return {"teacher": cfg.teacher}
+    return {f"teachers.{name}": teacher for name, teacher in run_teachers(cfg).items()}
+
+
+def _check_teacher(cfg: OPDConfig, teacher, key: str, world_size: int, tokenizer, sequences: int, micro: int) -> int:
+    """A teacher fits its layout and shares the student's tokenizer; returns the vocabulary size they share."""
+    arch = load_arch(teacher.path)
+    shared = min(arch.vocab_size, shared_vocab_size(tokenizer, load_tokenizer(teacher.path, f"{key}.path"),
+                                                    cfg.student.path, teacher.path, key))
+    if teacher.engine != "megatron":
+        return shared
+    layout = teacher_layout(cfg, teacher)
+    _check_layout(layout or cfg.parallel, world_size, f"{key}.path", teacher.path, arch)
+    teacher_dp = layout.data_parallel_size(world_size) if layout is not None else None
+    if teacher_dp and (sequences % teacher_dp or (sequences // teacher_dp) % micro):
+        raise ConfigError(f"{key}.parallel={{tensor: {layout.tensor}, pipeline: {layout.pipeline}}}: each "
+                          f"of the teacher's {teacher_dp} data-parallel ranks gets {sequences / teacher_dp:g} of "
+                          f"the step's {sequences} sequences, which must be a whole multiple of "
+                          f"actor.micro_batch_size={cfg.actor.micro_batch_size}")
+    return shared
+
+
+def check_routing(cfg: OPDConfig, dataset) -> None:
+    """Several teachers: every data source of the training rows has one (the data's column read once)."""
+    routing = TeacherRouting(run_teachers(cfg))
+    for source, (path, row) in dataset.first_rows_by_source().items():
+        if routing.teacher_of(source) is None:
+            raise ConfigError(f"{path} row {row}: data_source {source!r} has no teacher: add it to a teacher's "
+                              f"data_sources (teachers.<name>.data_sources) or make one teacher the default "
+                              f"(teachers.<name>.default=true)")
+
+
 def check_layout_and_vocab(cfg: OPDConfig, world_size: int):
     """Before any model is built: both models fit their layouts and share a tokenizer. Returns the student's
     arch, its tokenizer and the vocabulary size the divergences run over."""
@@ -44,18 +80,8 @@ def check_layout_and_vocab(cfg: OPDConfig, world_size: int):
     sequences = cfg.data.train_batch_size * cfg.rollout.n
     micro = 1 if cfg.actor.max_tokens_per_micro_batch else cfg.actor.micro_batch_size
     if cfg.trainer.mode == "distill":
-        teacher = load_arch(cfg.teacher.path)
-        vocab_size = min(vocab_size, teacher.vocab_size, shared_vocab_size(
-            tokenizer, load_tokenizer(cfg.teacher.path, "teacher.path"), cfg.student.path, cfg.teacher.path))
-        if cfg.teacher.engine == "megatron":
-            layout = teacher_layout(cfg)
-            _check_layout(layout or cfg.parallel, world_size, "teacher.path", cfg.teacher.path, teacher)
-            teacher_dp = layout.data_parallel_size(world_size) if layout is not None else None
-            if teacher_dp and (sequences % teacher_dp or (sequences // teacher_dp) % micro):
-                raise ConfigError(f"teacher.parallel={{tensor: {layout.tensor}, pipeline: {layout.pipeline}}}: each "
-                                  f"of the teacher's {teacher_dp} data-parallel ranks gets {sequences / teacher_dp:g} of "
-                                  f"the step's {sequences} sequences, which must be a whole multiple of "
-                                  f"actor.micro_batch_size={cfg.actor.micro_batch_size}")
+        for key, teacher in teacher_keys(cfg).items():
+            vocab_size = min(vocab_size, _check_teacher(cfg, teacher, key, world_size, tokenizer, sequences, micro))
     dp = world_size // cfg.parallel.model_parallel_size
     mini = (cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size) * cfg.rollout.n
     if mini % dp or (mini // dp) % micro:
@@ -94,18 +120,23 @@ class Run:
         self.cfg = cfg
         self.arch, self.tokenizer, self.vocab_size = check_layout_and_vocab(cfg, dist.get_world_size())
         self.student_dtype = model_dtype(cfg.student, "student")
-        teacher_dtype = model_dtype(cfg.teacher, "teacher") if cfg.trainer.mode == "distill" else None
+        teacher_dtypes = ({key: model_dtype(t, key) for key, t in teacher_keys(cfg).items() if t.engine == "megatron"}
+                          if cfg.trainer.mode == "distill" else {})
         check_device(cfg.trainer.device)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.dataset = PromptDataset.from_config(cfg.data, self.tokenizer, "train")
         self.val_dataset = PromptDataset.from_config(cfg.data, self.tokenizer, "val") if cfg.data.val_files else None
         self.sampler = PromptSampler(len(self.dataset), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
+        if cfg.trainer.total_steps is None:  # total_epochs' passes (verl's total_training_steps would cap them)
+            cfg.trainer.total_steps = cfg.trainer.total_epochs * self.sampler.batches_per_epoch
+        self.routing = None
+        if cfg.teachers and cfg.trainer.mode == "distill":
+            check_routing(cfg, self.dataset)
+            self.routing = TeacherRouting(run_teachers(cfg))
         self.dims = initialize_model_parallel(cfg.parallel, seed=cfg.trainer.seed)
         _, self.student = load_pretrained(cfg.student.path, cfg.parallel, self.student_dtype, cfg.actor.recompute)
-        self.teacher = make_teacher(cfg, teacher_dtype, self.vocab_size, self.dims,
-                                    padded_vocab_size(self.arch.vocab_size, cfg.parallel.tensor) // cfg.parallel.tensor
-                                    ) if cfg.trainer.mode == "distill" else None
+        self.teacher = self._make_teachers(teacher_dtypes) if cfg.trainer.mode == "distill" else None
         if cfg.actor.max_tokens_per_micro_batch:  # micro-batches of varying shapes cross pipeline stages
             self.student[0].config.variable_seq_lengths = True
         mini_batch = cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size
@@ -126,6 +157,20 @@ class Run:
         except BaseException:
             self.close()
             raise
+
+    def _make_teachers(self, dtypes: dict):
+        """Collective. The one teacher, or several routed by data source; those already started are stopped
+        when a later one fails."""
+        cfg, shard = self.cfg, padded_vocab_size(self.arch.vocab_size, self.cfg.parallel.tensor) // self.cfg.parallel.tensor
+        built = {}
+        try:
+            for (key, teacher), name in zip(teacher_keys(cfg).items(), run_teachers(cfg)):
+                built[name] = make_teacher(cfg, teacher, key, dtypes.get(key), self.vocab_size, self.dims, shard)
+        except BaseException:
+            for teacher in built.values():
+                teacher.close()
+            raise
+        return RoutedTeachers(built, self.dims) if cfg.teachers else built[next(iter(built))]
 
     def _resume(self):
         """(start step, skipped updates so far, the checkpoint's metrics line or None)."""

@@ -32,8 +32,10 @@ def _special_tokens(tokenizer) -> dict:
     return {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens}
 
 
-def shared_vocab_size(student_tokenizer, teacher_tokenizer, student_path: str, teacher_path: str) -> int:
-    """The number of leading ids both tokenizers give the same tokens, or a ConfigError naming both paths."""
+def shared_vocab_size(student_tokenizer, teacher_tokenizer, student_path: str, teacher_path: str,
+                      teacher_key: str = "teacher") -> int:
+    """The number of leading ids both tokenizers give the same tokens, or a ConfigError naming both paths
+    (`teacher_key`: the teacher's place in the config, teacher or teachers.<name>)."""
     size = min(len(student_tokenizer), len(teacher_tokenizer))
     teacher_ids = teacher_tokenizer.get_vocab()
     differing = sorted((i, token) for token, i in student_tokenizer.get_vocab().items()
@@ -47,7 +49,7 @@ def shared_vocab_size(student_tokenizer, teacher_tokenizer, student_path: str, t
     if student_special != teacher_special:
         problems.append(f"special tokens differ: student {student_special}, teacher {teacher_special}")
     if problems:
-        raise ConfigError(f"student.path={student_path} and teacher.path={teacher_path} do not share a tokenizer: "
+        raise ConfigError(f"student.path={student_path} and {teacher_key}.path={teacher_path} do not share a tokenizer: "
                           f"{'; '.join(problems)}. On-policy distillation compares their distributions token by "
                           f"token: use a teacher with the student's tokenizer")
     return size

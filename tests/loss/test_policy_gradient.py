@@ -158,3 +158,15 @@ def test_expected_group_reward_gradient_is_the_reward_gradient():
     expected_reward.backward()
     want = -torch.cat([first.grad, second.grad.flatten()])
     assert torch.allclose(got, want, atol=1e-12, rtol=1e-9) and want.abs().max() > 1e-2
+
+
+def test_kl_advantages_clamp_each_tokens_log_ratio_first():
+    """verl's loss_max_clamp in the pg form: the per-token reverse KL is clamped to [-c, c] before the discount."""
+    logprobs = torch.tensor([[-0.1, -3.0, -0.5, -6.0]])
+    teacher = torch.tensor([[-2.0, -0.2, -0.4, -0.1]])
+    mask = torch.ones(1, 4)
+    ratio = logprobs - teacher  # 1.9, -2.8, -0.1, -5.9
+    assert torch.allclose(kl_advantages(logprobs, teacher, mask, 2.0, 0.0, clamp=1.0),
+                          -2.0 * ratio.clamp(-1.0, 1.0))
+    assert torch.allclose(kl_advantages(logprobs, teacher, mask, 1.0, 1.0, clamp=1.0),
+                          -ratio.clamp(-1.0, 1.0).flip(-1).cumsum(-1).flip(-1))

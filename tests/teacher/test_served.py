@@ -45,10 +45,14 @@ def this_process_as_rank_0() -> ParallelDims:
                         is_first_stage=True, is_last_stage=True)
 
 
+def served(cfg, dims, vocab_size) -> ServedTeacher:
+    """The run's one teacher (teacher.*) on its server."""
+    return ServedTeacher(cfg, cfg.teacher, dims, vocab_size)
+
+
 @pytest.fixture(scope="module")
 def started(distill_setup, tmp_path_factory):
-    teacher = ServedTeacher(served_config(distill_setup, tmp_path_factory.mktemp("served"), *SAMPLED),
-                            this_process_as_rank_0(), VOCAB)
+    teacher = served(served_config(distill_setup, tmp_path_factory.mktemp("served"), *SAMPLED), this_process_as_rank_0(), VOCAB)
     yield teacher
     teacher.close()
 
@@ -78,12 +82,12 @@ def test_a_converted_checkpoint_or_a_silent_url_stops_start_up(distill_setup, tm
     cfg = served_config(distill_setup, tmp_path, f"teacher.path={converted}")
     with pytest.raises(ConfigError, match=rf"teacher.path={converted}: a converted Megatron checkpoint.*"
                                           rf"opd-convert mcore-to-hf --mcore {converted} --out DIR"):
-        ServedTeacher(cfg, this_process_as_rank_0(), VOCAB)
+        served(cfg, this_process_as_rank_0(), VOCAB)
     with socket.socket() as closed:  # a port nothing listens on
         closed.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{closed.getsockname()[1]}"
         with pytest.raises(ServerStartError, match=rf"teacher.url={url}: no SGLang server answers"):
-            ServedTeacher(served_config(distill_setup, tmp_path, f"teacher.url={url}"), this_process_as_rank_0(), VOCAB)
+            served(served_config(distill_setup, tmp_path, f"teacher.url={url}"), this_process_as_rank_0(), VOCAB)
         cfg.teacher.sglang.startup_timeout_s = 1.0
         with pytest.raises(ServerStartError, match="stopped answering /health for 1 s"):
             ServerAt(url, cfg.teacher.sglang, "teacher.url").start()  # how a lost request's retry waits, bounded
@@ -112,16 +116,16 @@ def _both_teachers(rank, world_size, sampled_cfg, topk_cfg):
     results = {}
     for case, cfg, vocab_size in (("sampled", sampled_cfg, VOCAB), ("topk", topk_cfg, VOCAB),
                                   ("topk_padded", topk_cfg, VOCAB - DROPPED)):
-        served, asked = ServedTeacher(cfg, dims, vocab_size), []
-        score = served.engine.score
+        teacher, asked = served(cfg, dims, vocab_size), []
+        score = teacher.engine.score
 
         def recorded_score(sequences, top_k=0):
             asked.append(top_k)
             return score(sequences, top_k)
 
-        served.engine.score = recorded_score
-        results[case] = (megatron_outputs(cfg, vocab_size), served.outputs(SAMPLES, batch, micro), asked)
-        served.close()
+        teacher.engine.score = recorded_score
+        results[case] = (megatron_outputs(cfg, vocab_size), teacher.outputs(SAMPLES, batch, micro), asked)
+        teacher.close()
     results["megatron_t05"] = megatron_outputs(sampled_cfg, VOCAB, temperature=0.5)
     body = {"input_ids": SAMPLES[0][0] + SAMPLES[0][1], "return_logprob": True, "logprob_start_len": 0,
             "sampling_params": {"max_new_tokens": 0, "temperature": 0.5}}
@@ -200,8 +204,8 @@ def test_sglang_scores_at_temperature_one_whatever_the_request_says(both_teacher
 
 def test_a_server_at_teacher_url_is_used_and_left_running(sglang_teacher, distill_setup, tmp_path):
     children = {p.pid for p in psutil.Process().children(recursive=True)}
-    teacher = ServedTeacher(served_config(distill_setup, tmp_path, f"teacher.url={sglang_teacher.server.url}"),
-                            this_process_as_rank_0(), VOCAB)
+    teacher = served(served_config(distill_setup, tmp_path, f"teacher.url={sglang_teacher.server.url}"),
+                     this_process_as_rank_0(), VOCAB)
     assert {p.pid for p in psutil.Process().children(recursive=True)} == children  # no second server
     sequence = SAMPLES[0][0] + SAMPLES[0][1]
     assert teacher.engine.score([sequence])[0].token_logprobs == sglang_teacher.score([sequence])[0].token_logprobs

@@ -54,6 +54,21 @@ def test_valid_overrides_build_a_config(distill_setup, tmp_path):
     ("actor.policy_loss=pg reward.fn=nowhere:score", r"reward.fn='nowhere:score': cannot import score from nowhere"),
     ("actor.policy_loss=pg reward.fn=bogus", r"reward.fn='bogus': must be none, gsm8k or data_source, or module:function"),
     ("actor.kl_loss_type=k3-", r"actor.kl_loss_type='k3-': must be one of kl\|abs\|mse\|low_var_kl\|k1\|k2\|k3\|kl\+"),
+    ("+teachers.a.path=x", r"teacher.path='.*': and teachers \(a\) are both set"),
+    ("teacher.path=null +teachers.a.path=x +teachers.a.data_sources=[s] +teachers.b.path=y +teachers.b.data_sources=[s]",
+     r"teachers.b.data_sources=\['s'\]: 's' is teachers.a's already: a row has one teacher"),
+    ("teacher.path=null +teachers.a.path=x +teachers.a.default=true +teachers.b.path=y +teachers.b.default=true",
+     r"a and b are both default"),
+    ("teacher.path=null +teachers.a.path=x +teachers.a.data_sources=[s] +teachers.b.path=y",
+     r"teachers.b.data_sources=\[\]: names no data source and the teacher is not the default"),
+    ("teacher.path=null +teachers.a.path=x +teachers.a.bogus=1", r"teachers.a: Key 'bogus' not in 'TeacherConfig'"),
+    ("teacher.path=null +teachers.a.path=x +teachers.a.engine=sglang actor.kl_loss_type=reverse",
+     r"served teacher \(teachers.a.engine=sglang\) does not send"),
+    ("teacher.path=null trainer.mode=distill", r"teacher.path=None: is required with trainer.mode=distill"),
+    ("actor.kl_loss_type=reverse actor.log_prob_min_clamp=-10", r"actor.log_prob_min_clamp=-10.0: floors the log-probs"),
+    ("actor.loss_max_clamp=0", r"actor.loss_max_clamp=0.0: must be null \(no clamp\) or > 0"),
+    ("trainer.total_epochs=0", r"trainer.total_epochs=0: must be null or >= 1"),
+    ("trainer.doctor=maybe", r"trainer.doctor='maybe': must be one of off\|warn\|strict"),
 ])
 def test_bad_values_name_the_key(distill_setup, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):

@@ -153,8 +153,10 @@ def test_distillation_skips_the_marked_spans_of_the_given_responses(distill_setu
     assert len(own) == 2 and history[0]["actor/kl_loss_off_policy"] == pytest.approx(total / count, rel=1e-4)
 
 
-def test_sinks_write_their_files(tp1_history, distill_setup, tmp_path):
-    train(distill_setup, tmp_path, "trainer.total_steps=2", "trainer.logger=[console,jsonl,tensorboard,wandb]")
+def test_sinks_write_their_files_over_one_epoch(tp1_history, distill_setup, tmp_path):
+    """trainer.total_epochs=1 over 4 prompts in batches of 2: 2 steps (total_steps null)."""
+    train(distill_setup, tmp_path, *fixed_data(distill_setup), "data.train_batch_size=2", "trainer.total_steps=null",
+          "trainer.total_epochs=1", "trainer.logger=[console,jsonl,tensorboard,wandb]")
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [line["step"] for line in lines] == [1, 2]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))

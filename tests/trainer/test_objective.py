@@ -195,3 +195,24 @@ def test_pg_teacher_equal_to_student_without_reward_gives_zero_advantage_and_gra
     student, _, labels = setup()
     _, metrics, grads = pg_loss(student, student, labels, torch.zeros(2, 1), reward_coef=0.0, kl_discount=1.0)
     assert metrics["actor/advantage_mean"] == 0 and all(g.abs().max() == 0 for g in grads)
+
+
+def test_verls_clamps_bound_each_token_and_floor_the_log_probs():
+    """actor.loss_max_clamp: each token's divergence in [-c, c], no gradient where it binds;
+    actor.log_prob_min_clamp: both sides' log-probs floored before the estimator (k1 here: it can be < 0)."""
+    student, teacher, labels = setup(seed=3)
+    student = (student[0].clone().requires_grad_(True), student[1])
+    plain = kl("k1", student, teacher, labels, 1.0)
+    clamp = plain.detach().abs().median().item()
+    clamped = kl("k1", student, teacher, labels, 1.0, loss_max_clamp=clamp)
+    assert torch.equal(clamped, plain.clamp(-clamp, clamp))
+    bound = plain.detach().abs() > clamp
+    assert bound.any() and (~bound).any()
+    (grad,) = torch.autograd.grad(clamped.sum(), student[0])
+    assert grad[bound].abs().max() == 0 and grad[~bound].abs().max() > 0
+    log_s = reference.log_softmax(student[0].detach() @ student[1].T, VOCAB, 1.0).gather(-1, labels[..., None])[..., 0]
+    log_t = reference.log_softmax(teacher[0] @ teacher[1].T, VOCAB, 1.0).gather(-1, labels[..., None])[..., 0]
+    floor = torch.minimum(log_s, log_t).median().item()
+    floored = kl("k1", student, teacher, labels, 1.0, log_prob_min_clamp=floor)
+    assert torch.allclose(floored, log_s.clamp(min=floor) - log_t.clamp(min=floor), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(floored, plain)

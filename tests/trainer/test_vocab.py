@@ -69,3 +69,13 @@ def test_a_missing_tokenizer_is_an_error_not_a_pass(qwen_pair, tmp_path):
             os.remove(teacher / name)
     with pytest.raises(ConfigError, match=rf"teacher.path={teacher}: no tokenizer"):
         check(qwen_pair, tmp_path, str(teacher))
+
+
+def test_each_of_several_teachers_is_checked_by_name(qwen_pair, tmp_path):
+    other = with_tokenizer(qwen_pair["teacher"], tmp_path / "other", train_tokenizer(OTHER_CORPUS))
+    teachers = ("teacher.path=null", f"+teachers.math.path={qwen_pair['teacher']}", "+teachers.math.default=true",
+                f"+teachers.code.path={other}", "+teachers.code.data_sources=[code]")
+    cfg = to_config(composed(*distill_overrides(qwen_pair, tmp_path), *teachers))
+    with pytest.raises(ConfigError, match=rf"student.path={qwen_pair['student']} and teachers.code.path={other} do "
+                                          r"not share a tokenizer"):
+        check_layout_and_vocab(cfg, world_size=1)

@@ -1,0 +1,3 @@
+from megatron_opd.doctor.cli import console
+
+console()
