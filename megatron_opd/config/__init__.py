@@ -222,8 +222,7 @@ class OPDConfig:
             check(bool(self.teacher.path) or bool(self.teachers), "teacher.path", self.teacher.path,
                   "is required with trainer.mode=distill (or several teachers under teachers)")
             for name, teacher in run_teachers(self).items():
-                self._check_served(teacher, "teacher" if name == SINGLE_TEACHER and not self.teachers
-                                   else f"teachers.{name}")
+                self._check_served(teacher, teacher_key(self, name))
         batch = self.data.train_batch_size
         mini = self.actor.ppo_mini_batch_size or batch
         check(batch % mini == 0, "actor.ppo_mini_batch_size", mini,
@@ -276,6 +275,12 @@ class OPDConfig:
 def run_teachers(cfg: OPDConfig) -> dict[str, TeacherConfig]:
     """The run's teachers by name: `teachers`, or `teacher.*` as the one teacher named SINGLE_TEACHER."""
     return dict(cfg.teachers) if cfg.teachers else {SINGLE_TEACHER: cfg.teacher}
+
+
+def teacher_key(cfg: OPDConfig, name: str) -> str:
+    """A teacher's place in the config, as messages name its keys: teacher (the one of teacher.*) or
+    teachers.<name>."""
+    return "teachers." + name if cfg.teachers else SINGLE_TEACHER
 
 
 def teacher_layout(cfg: OPDConfig, teacher: Optional[TeacherConfig] = None) -> Optional[ParallelConfig]:

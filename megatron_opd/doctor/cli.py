@@ -23,7 +23,8 @@ def parse_args(argv: list):
     parser.add_argument("--cheap", action="store_true", help=f"only the checks that build no model: {','.join(CHEAP)}")
     parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated, of {','.join(CHECKS)}")
     parser.add_argument("--world-size", type=int, default=None,
-                        help="the run's processes, for the memory check (default: parallel.tensor x pipeline x context)")
+                        help="the run's processes, for the memory check (default: parallel.tensor x pipeline x "
+                             "context)")
     parser.add_argument("--config-name", "-cn", default="distillation_trainer")
     args, overrides = parser.parse_known_args(argv)
     checks = CHEAP if args.cheap else tuple(c for c in args.checks.split(",") if c)

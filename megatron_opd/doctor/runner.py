@@ -4,10 +4,9 @@ topk_clamps). A measured check that cannot run is a failure naming why, never a 
 import torch
 import torch.distributed as dist
 
-from megatron_opd.config import OPDConfig, run_teachers
+from megatron_opd.config import OPDConfig, run_teachers, teacher_key
 from megatron_opd.doctor.checks.engine import check_engine
 from megatron_opd.doctor.checks.memory import check_memory
-from megatron_opd.doctor.checks.names import teacher_key
 from megatron_opd.doctor.checks.self_test import check_self_test
 from megatron_opd.doctor.checks.teacher_loaded import check_teacher_loaded
 from megatron_opd.doctor.checks.temperature import check_temperature

@@ -69,8 +69,8 @@ class ServedTeacher(Teacher):
         if student.rank == 0:
             config = teacher.sglang
             if config.log_path is None:
-                config = dataclasses.replace(config, log_path=os.path.join(cfg.trainer.save_dir,
-                                                                           SERVER_LOG.format(name=key.replace(".", "_"))))
+                log = SERVER_LOG.format(name=key.replace(".", "_"))
+                config = dataclasses.replace(config, log_path=os.path.join(cfg.trainer.save_dir, log))
             self.engine = TeacherEngine(teacher.path, config, student.device, url=teacher.url, url_key=f"{key}.url")
             # A position's top-k can hold at most this many padding ids, which the shared vocabulary drops.
             self.padding_rows = max(self.engine.model_vocab_size - vocab_size, 0)

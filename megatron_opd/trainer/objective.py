@@ -22,7 +22,7 @@ from megatron_opd.loss.kinds import FULL_KINDS, SAMPLED_KINDS
 from megatron_opd.loss.policy_gradient import clipped_surrogate, kl_advantages, mismatch_weights
 from megatron_opd.loss.topk import topk_bucket_divergence
 from megatron_opd.models.batch import TokenBatch
-from megatron_opd.teacher.routed import per_teacher
+from megatron_opd.teacher.routed import RoutedTeachers, per_teacher
 
 PARTS = ("on_policy", "off_policy")  # the student's own samples; given responses (actor.lmbda < 1)
 
@@ -57,10 +57,9 @@ class Objective:
 
     @classmethod
     def of_run(cls, cfg: OPDConfig, vocab_size: int, group, teacher) -> "Objective":
-        routed = isinstance(getattr(teacher, "head_weight", None), list)
         return cls(cfg.actor, divergence_temperature(cfg), vocab_size, group,
                    teacher.head_weight if teacher is not None else None, cfg.reward.coef, cfg.trainer.mode == "sft",
-                   tuple(teacher.names) if routed else ())
+                   tuple(teacher.names) if isinstance(teacher, RoutedTeachers) else ())
 
     def __call__(self, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
         """The micro-batch's share of the loss (shares sum to the mini-batch's value) and its metrics."""

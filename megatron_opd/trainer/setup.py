@@ -9,7 +9,7 @@ import torch
 
 from checkpoint_tools.pretrained import checkpoint_dtype, is_hf_dir, load_pretrained
 from megatron_opd.config import (
-    MODEL_DTYPES, ConfigError, ModelConfig, OPDConfig, TeacherRouting, run_teachers, teacher_layout)
+    MODEL_DTYPES, ConfigError, ModelConfig, OPDConfig, TeacherRouting, run_teachers, teacher_key, teacher_layout)
 from megatron_opd.data.prompt_dataset import PromptDataset
 from megatron_opd.data.sampler import PromptSampler
 from megatron_opd.data.scorers import mean_score
@@ -33,13 +33,6 @@ def _check_layout(layout: ParallelConfig, world_size: int, key: str, path: str, 
                         te_available=True)
     except ValueError as err:
         raise ConfigError(f"{key}={path}: {err}") from None
-
-
-def teacher_keys(cfg: OPDConfig) -> dict:
-    """The run's teachers by their place in the config: teacher, or teachers.<name> each."""
-    if not cfg.teachers:
-        return {"teacher": cfg.teacher}
-    return {f"teachers.{name}": teacher for name, teacher in run_teachers(cfg).items()}
 
 
 def _check_teacher(cfg: OPDConfig, teacher, key: str, world_size: int, tokenizer, sequences: int, micro: int) -> int:
@@ -80,8 +73,9 @@ def check_layout_and_vocab(cfg: OPDConfig, world_size: int):
     sequences = cfg.data.train_batch_size * cfg.rollout.n
     micro = 1 if cfg.actor.max_tokens_per_micro_batch else cfg.actor.micro_batch_size
     if cfg.trainer.mode == "distill":
-        for key, teacher in teacher_keys(cfg).items():
-            vocab_size = min(vocab_size, _check_teacher(cfg, teacher, key, world_size, tokenizer, sequences, micro))
+        for name, teacher in run_teachers(cfg).items():
+            vocab_size = min(vocab_size, _check_teacher(cfg, teacher, teacher_key(cfg, name), world_size, tokenizer,
+                                                        sequences, micro))
     dp = world_size // cfg.parallel.model_parallel_size
     mini = (cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size) * cfg.rollout.n
     if mini % dp or (mini // dp) % micro:
@@ -120,8 +114,8 @@ class Run:
         self.cfg = cfg
         self.arch, self.tokenizer, self.vocab_size = check_layout_and_vocab(cfg, dist.get_world_size())
         self.student_dtype = model_dtype(cfg.student, "student")
-        teacher_dtypes = ({key: model_dtype(t, key) for key, t in teacher_keys(cfg).items() if t.engine == "megatron"}
-                          if cfg.trainer.mode == "distill" else {})
+        teacher_dtypes = ({name: model_dtype(t, teacher_key(cfg, name)) for name, t in run_teachers(cfg).items()
+                           if t.engine == "megatron"} if cfg.trainer.mode == "distill" else {})
         check_device(cfg.trainer.device)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
@@ -161,11 +155,13 @@ class Run:
     def _make_teachers(self, dtypes: dict):
         """Collective. The one teacher, or several routed by data source; those already started are stopped
         when a later one fails."""
-        cfg, shard = self.cfg, padded_vocab_size(self.arch.vocab_size, self.cfg.parallel.tensor) // self.cfg.parallel.tensor
+        cfg = self.cfg
+        shard = padded_vocab_size(self.arch.vocab_size, cfg.parallel.tensor) // cfg.parallel.tensor
         built = {}
         try:
-            for (key, teacher), name in zip(teacher_keys(cfg).items(), run_teachers(cfg)):
-                built[name] = make_teacher(cfg, teacher, key, dtypes.get(key), self.vocab_size, self.dims, shard)
+            for name, teacher in run_teachers(cfg).items():
+                built[name] = make_teacher(cfg, teacher, teacher_key(cfg, name), dtypes.get(name), self.vocab_size,
+                                           self.dims, shard)
         except BaseException:
             for teacher in built.values():
                 teacher.close()

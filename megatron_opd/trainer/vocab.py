@@ -49,7 +49,7 @@ def shared_vocab_size(student_tokenizer, teacher_tokenizer, student_path: str, t
     if student_special != teacher_special:
         problems.append(f"special tokens differ: student {student_special}, teacher {teacher_special}")
     if problems:
-        raise ConfigError(f"student.path={student_path} and {teacher_key}.path={teacher_path} do not share a tokenizer: "
-                          f"{'; '.join(problems)}. On-policy distillation compares their distributions token by "
-                          f"token: use a teacher with the student's tokenizer")
+        raise ConfigError(f"student.path={student_path} and {teacher_key}.path={teacher_path} do not share a "
+                          f"tokenizer: {'; '.join(problems)}. On-policy distillation compares their distributions "
+                          f"token by token: use a teacher with the student's tokenizer")
     return size

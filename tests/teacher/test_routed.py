@@ -24,7 +24,7 @@ def mixed(distill_setup, qwen_pair, tmp_path_factory):
     arithmetic, distill_setup's teacher walks (and is the default)."""
     walk = str(tmp_path_factory.mktemp("walk") / "walk.parquet")
     write_rows(walk, walk_rows(64, seed=0))
-    return {**distill_setup, "files": f"data.train_files=[{distill_setup['train']},{walk}]",
+    return {**distill_setup, "files": f"data.train_files=[{distill_setup['train']},{walk}]", "walk_file": walk,
             "arith": (f"+teachers.arith.path={qwen_pair['teacher']}",
                       f"+teachers.arith.data_sources=[{SYNTHETIC_DATA_SOURCE}]"),
             "walk": (f"+teachers.walk.path={distill_setup['teacher']}", "+teachers.walk.default=true")}
@@ -45,7 +45,20 @@ def _routed_and_single(rank, world_size, cfg):
         samples = step_samples(run, cfg, 0, run.next_items())
         batch = samples.batch(run.pad_id, run.dims.device, 1)
         micro = batch.micro_batches(cfg.actor.micro_batch_size)
+        scored, served = {}, {t: teacher.engine for t, teacher in enumerate(run.teacher.teachers)
+                              if getattr(teacher, "engine", None) is not None}
+
+        def counting(t, score):
+            def counted(sequences, *args):
+                scored[t] = scored.get(t, 0) + len(sequences)
+                return score(sequences, *args)
+            return counted
+
+        for t, engine in served.items():  # a served teacher: what it sends its server in the routed pass
+            engine.score = counting(t, engine.score)
         routed = run.teacher.outputs(samples.pairs, batch, micro)
+        for engine in served.values():
+            del engine.score
         singles = [teacher.outputs(samples.pairs, batch, micro) for teacher in run.teacher.teachers]
         weight, counts = output_weight(run.student[-1]).detach(), response_counts([mb.loss_mask for mb in micro])
         alone = [Objective(cfg.actor, trainer.objective.temperature, run.vocab_size, None, head)
@@ -59,12 +72,15 @@ def _routed_and_single(rank, world_size, cfg):
                    for objective, single in zip(alone, singles)]
             result.append(([part is not None for part in routed[m]["parts"]], mb.teacher_index.tolist(),
                            (kl * mb.loss_mask).detach(), [(k * mb.loss_mask).detach() for k in own]))
-        return result
+        return result, scored, batch.teacher_index.tolist()
     finally:
         run.close()
 
 
-def _check_rows(result, teachers: int = 2):
+def _check_rows(found, teachers: int = 2):
+    result, scored, index = found
+    for t, sequences in scored.items():  # a served teacher scores its rows alone
+        assert sequences == index.count(t) > 0
     mixed_micro = 0
     for ran, index, kl, own in result:
         assert ran == [t in index for t in range(teachers)]  # a teacher runs only where it has rows
@@ -88,7 +104,9 @@ def test_one_teacher_on_sglang(mixed, sglang_teacher, tmp_path):
               f"+teachers.walk.url={sglang_teacher.server.url}")
     cfg = run_config(mixed, tmp_path, mixed["files"], *MIXED, *mixed["arith"], *served, "actor.kl_loss_type=kl",
                      "actor.kl_temperature=1.0")
-    _check_rows(run_distributed(_routed_and_single, 1, cfg, timeout_s=300)[0])
+    found = run_distributed(_routed_and_single, 1, cfg, timeout_s=300)[0]
+    assert list(found[1]) == [1]
+    _check_rows(found)
 
 
 def test_two_processes_equal_one_with_per_teacher_metrics(mixed, tmp_path):
@@ -103,6 +121,21 @@ def test_two_processes_equal_one_with_per_teacher_metrics(mixed, tmp_path):
             assert step_one[f"teacher/arith/{name}"] + step_one[f"teacher/walk/{name}"] == pytest.approx(
                 {"sequences": 8, "tokens_scored": step_one["response_length/mean"] * 8}[name])
         assert step_one["teacher/arith/kl_loss"] != pytest.approx(step_one["teacher/walk/kl_loss"], rel=0.01)
+
+
+@pytest.mark.parametrize("form", [("actor.kl_loss_type=reverse",),
+                                  ("actor.policy_loss=pg", "actor.kl_loss_type=reverse", "actor.ppo_mini_batch_size=4")],
+                         ids=["direct", "pg"])
+def test_a_run_on_one_teachers_rows_equals_that_teacher_alone(mixed, tmp_path, form):
+    """Walk rows only: the second teacher scores them all (its head, its hidden states), as a run of it alone."""
+    run = (f"data.train_files={mixed['walk_file']}", *MIXED, *form, "trainer.total_steps=2")
+    routed = train(mixed, tmp_path / "routed", *run, *mixed["arith"], *mixed["walk"])
+    alone = train(mixed, tmp_path / "alone", *run, f"teacher.path={mixed['teacher']}")
+    for step_routed, step_alone in zip(routed, alone, strict=True):
+        for name in ("actor/kl_loss", "actor/grad_norm") + (("actor/pg_loss",) if len(form) > 1 else ()):
+            assert step_routed[name] == pytest.approx(step_alone[name], rel=1e-6), name
+        assert step_routed["teacher/walk/kl_loss"] == pytest.approx(step_alone["actor/kl_loss"], rel=1e-6)
+        assert "teacher/arith/kl_loss" not in step_routed and step_routed["teacher/walk/sequences"] == 8
 
 
 def test_a_row_without_a_teacher_is_refused_at_start_up(mixed, tmp_path):

@@ -42,4 +42,5 @@ def check_engine(session) -> list:
     status = FAIL if ratio > MAX_RATIO else WARN
     return [Finding(CHECK, status, f"{measured}. The engine and the trainer disagree on the student's weights: check "
                                    f"the weight sync and rollout.engine's dtype; under actor.policy_loss=pg the "
-                                   f"importance weights (actor.is_cap) would see ratios up to {ratio:.3g}", details=details)]
+                                   f"importance weights (actor.is_cap) would see ratios up to {ratio:.3g}",
+                    details=details)]

@@ -7,8 +7,7 @@ from typing import Optional
 
 import torch
 
-from megatron_opd.config import ConfigError, OPDConfig, run_teachers, teacher_layout
-from megatron_opd.doctor.checks.names import teacher_key
+from megatron_opd.config import ConfigError, OPDConfig, run_teachers, teacher_key, teacher_layout
 from megatron_opd.doctor.report import FAIL, OK, WARN, Finding
 from megatron_opd.loss.kinds import FULL_KINDS, TOPK_KINDS
 from megatron_opd.models import load_arch, padded_vocab_size
@@ -118,7 +117,8 @@ def check_memory(cfg: OPDConfig, world_size: int, device: torch.device) -> list:
     if share > FAIL_SHARE:
         return [Finding(CHECK, FAIL, f"{summary}. Does not fit: raise parallel.tensor / parallel.pipeline, give the "
                                      f"teacher its own layout (teacher.parallel.tensor) or serve it "
-                                     f"(teacher.engine=sglang), or use more ranks (DP shards the optimizer)", details=details)]
+                                     f"(teacher.engine=sglang), or use more ranks (DP shards the optimizer)",
+                    details=details)]
     if share > WARN_SHARE:
         return [Finding(CHECK, WARN, f"{summary}. Above {WARN_SHARE:.0%} before activations: shorten "
                                      f"data.max_prompt_length / rollout.response_length or spread the models wider",

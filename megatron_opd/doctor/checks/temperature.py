@@ -1,8 +1,7 @@
 """Check 2 (on paper): the temperature each side's log-probs enter the divergence at, the one the student
 samples at, and a served teacher's (SGLang scores given tokens at 1). The measured half is the self-test
 (a teacher whose log-probs enter at another temperature than the student's) and the engine check."""
-from megatron_opd.config import OPDConfig, divergence_temperature, run_teachers
-from megatron_opd.doctor.checks.names import teacher_key
+from megatron_opd.config import OPDConfig, divergence_temperature, run_teachers, teacher_key
 from megatron_opd.doctor.report import FAIL, OK, Finding
 from megatron_opd.trainer.objective import Objective
 

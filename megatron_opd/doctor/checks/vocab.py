@@ -1,10 +1,9 @@
 """Check 1: can each teacher score the student's tokens? Shared ids (trainer/vocab.py), the rows each config
 pads past its tokenizer, the special tokens, the chat templates, and the token ids of one real prompt of
 data.train_files rendered by each tokenizer (the position of the first response token both sides score)."""
-from megatron_opd.config import ConfigError, OPDConfig, run_teachers
+from megatron_opd.config import ConfigError, OPDConfig, run_teachers, teacher_key
 from megatron_opd.data.chat import encode_prompt
 from megatron_opd.data.sources import open_source
-from megatron_opd.doctor.checks.names import teacher_key
 from megatron_opd.doctor.report import FAIL, OK, WARN, Finding, worst
 from megatron_opd.models import load_arch
 from megatron_opd.trainer.vocab import load_tokenizer, shared_vocab_size
