@@ -17,19 +17,27 @@ from checkpoint_tools import tensor_ops
 from megatron_opd.models import ModelArch
 
 COPY, VOCAB, QKV, GATE_UP = "copy", "vocab", "qkv", "gate_up"
+EVERY, DENSE, MOE = "every", "dense", "moe"  # the decoder layers a "{i}" rule applies to
 
 
 @dataclass(frozen=True)
 class Rule:
-    megatron: str  # "{i}" stands for the global layer index
+    megatron: str  # "{i}" stands for the global layer index, "{e}" for the global expert index
     hf: tuple[str, ...]
     kind: str = COPY
+    layers: str = EVERY
 
-    def hf_names(self, layer: int | None) -> list[str]:
-        return [name.format(i=layer) for name in self.hf]
+    def hf_names(self, index: dict) -> list[str]:
+        return [name.format(**index) for name in self.hf]
+
+    @property
+    def expert(self) -> bool:
+        """A routed expert's weight: sharded over expert parallelism and expert-TP, not the dense TP."""
+        return "{e}" in self.megatron
 
 
 L, H = "decoder.layers.{i}.", "model.layers.{i}."
+X = L + "mlp.experts.local_experts.{e}."  # megatron's SequentialMLP experts (local spec, and TE's without grouped GEMM)
 DENSE_DECODER = (
     Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB),
     Rule(L + "input_layernorm.weight", (H + "input_layernorm.weight",)),
@@ -37,8 +45,8 @@ DENSE_DECODER = (
          (H + "self_attn.q_proj.weight", H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight"), QKV),
     Rule(L + "self_attention.linear_proj.weight", (H + "self_attn.o_proj.weight",)),
     Rule(L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",)),
-    Rule(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), GATE_UP),
-    Rule(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",)),
+    Rule(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), GATE_UP, DENSE),
+    Rule(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), layers=DENSE),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
     Rule("output_layer.weight", ("lm_head.weight",), VOCAB),
 )
@@ -50,11 +58,34 @@ QK_NORM = (
     Rule(L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",)),
     Rule(L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",)),
 )
+
+
+def routed_experts(block: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
+    """The router and the per-expert gated MLPs of an HF sparse-MoE block at `block` (under the layer)."""
+    expert = H + block + ".experts.{e}."
+    return (
+        Rule(L + "mlp.router.weight", (H + block + ".gate.weight",), layers=MOE),
+        Rule(X + "linear_fc1.weight", (expert + gate, expert + up), GATE_UP, MOE),
+        Rule(X + "linear_fc2.weight", (expert + down,), layers=MOE),
+    )
+
+
+QWEN_EXPERTS = routed_experts("mlp", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+GATED_SHARED_EXPERT = (
+    Rule(L + "mlp.shared_experts.linear_fc1.weight",
+         (H + "mlp.shared_expert.gate_proj.weight", H + "mlp.shared_expert.up_proj.weight"), GATE_UP, MOE),
+    Rule(L + "mlp.shared_experts.linear_fc2.weight", (H + "mlp.shared_expert.down_proj.weight",), layers=MOE),
+    Rule(L + "mlp.shared_experts.gate_weight", (H + "mlp.shared_expert_gate.weight",), layers=MOE),
+)
 MAPPINGS = {
     "llama": DENSE_DECODER,
     "mistral": DENSE_DECODER,
     "qwen2": DENSE_DECODER + QKV_BIAS,
     "qwen3": DENSE_DECODER + QK_NORM,
+    "qwen3_moe": DENSE_DECODER + QK_NORM + QWEN_EXPERTS,
+    # transformers saves Mixtral's experts under their original names: w1 gate, w3 up, w2 down.
+    "mixtral": DENSE_DECODER + routed_experts("block_sparse_moe", "w1.weight", "w3.weight", "w2.weight"),
+    "qwen2_moe": DENSE_DECODER + QKV_BIAS + QWEN_EXPERTS + GATED_SHARED_EXPERT,
 }
 # The Transformer Engine spec fuses the pre-attention/pre-MLP norms into the next linear layer.
 TE_NAMES = {
@@ -62,6 +93,7 @@ TE_NAMES = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+_EXPERT = re.compile(r"(mlp\.experts\.local_experts\.)(\d+)(\..+)")
 
 
 class FamilyMapping:
@@ -75,28 +107,38 @@ class FamilyMapping:
                           if r.megatron == "output_layer.weight" else r for r in rules)
         self.rules = {rule.megatron: rule for rule in rules}
 
-    def match(self, megatron_name: str) -> tuple[Rule, int | None]:
-        """Rule and layer index for a global megatron parameter name (local or TE spec)."""
-        layer, key = None, megatron_name
+    def match(self, megatron_name: str) -> tuple[Rule, dict]:
+        """Rule and its indices ({"i": layer, "e": expert}, those it has) for a global megatron parameter
+        name (local or TE spec)."""
+        index, key = {}, megatron_name
         found = _LAYER.match(megatron_name)
         if found:
-            layer, suffix = int(found.group(1)), TE_NAMES.get(found.group(2), found.group(2))
+            index["i"], suffix = int(found.group(1)), TE_NAMES.get(found.group(2), found.group(2))
+            expert = _EXPERT.match(suffix)
+            if expert:
+                index["e"], suffix = int(expert.group(2)), expert.group(1) + "{e}" + expert.group(3)
             key = L + suffix
         if key not in self.rules:
             raise KeyError(f"no {self.arch.family} mapping for megatron parameter {megatron_name!r}")
-        return self.rules[key], layer
+        return self.rules[key], index
 
     def exported(self, rule: Rule) -> bool:
         """Tied output layers exist on the last stage as a copy of the embedding: not a tensor of their own."""
         return not (self.arch.tie_word_embeddings and rule.megatron == "output_layer.weight")
+
+    def layers(self, rule: Rule) -> list[int]:
+        moe = self.arch.moe
+        routed = moe.moe_layers if moe else (False,) * self.arch.num_layers
+        return [i for i, is_moe in enumerate(routed) if rule.layers == EVERY or is_moe == (rule.layers == MOE)]
 
     def hf_names(self) -> list[str]:
         names = []
         for rule in self.rules.values():
             if not self.exported(rule):
                 continue
-            layers = range(self.arch.num_layers) if "{i}" in rule.megatron else [None]
-            names += [name for layer in layers for name in rule.hf_names(layer)]
+            layers = self.layers(rule) if "{i}" in rule.megatron else [None]
+            experts = range(self.arch.moe.num_experts) if rule.expert else [None]
+            names += [name for i in layers for e in experts for name in rule.hf_names(dict(i=i, e=e))]
         return names
 
     def to_megatron(self, rule: Rule, hf_tensors: list[torch.Tensor], tp: int, padded_vocab: int) -> torch.Tensor:

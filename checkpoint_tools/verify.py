@@ -38,9 +38,9 @@ def _megatron_logits(rank, world_size, path, parallel, tokens):
 
 
 def megatron_logits(path: str, tokens: torch.Tensor, parallel: ParallelConfig, timeout_s: float = 600) -> torch.Tensor:
-    """Logits of the model at `path` (HF or converted) run by megatron in `parallel` on local processes."""
-    world = parallel.tensor * parallel.pipeline * parallel.context
-    results = run_local(_megatron_logits, world, path, parallel, tokens, timeout_s=timeout_s)
+    """Logits of the model at `path` (HF or converted) run by megatron in `parallel` on local processes (as
+    few as the layout needs: data-parallel replicas only where expert parallelism is carved out of them)."""
+    results = run_local(_megatron_logits, parallel.min_world_size, path, parallel, tokens, timeout_s=timeout_s)
     return next(r for r in results if r is not None)
 
 

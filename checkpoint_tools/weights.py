@@ -1,9 +1,10 @@
 """Move weights between megatron model chunks (this rank's TP/PP shards) and HF-named tensors.
 
 `load_hf_weights` fills the chunks of any layout from an HF safetensors checkpoint, each rank reading
-only the tensors it holds. `export_hf_tensors` streams (HF name, tensor) pairs out of the chunks,
-gathering TP shards one parameter at a time; the converter writes them to disk and the rollout weight
-sync pushes them into SGLang.
+only the tensors it holds (an expert-parallel rank: its own experts). `export_hf_tensors` streams (HF name,
+tensor) pairs out of the chunks, gathering TP shards (expert-TP shards for routed experts) and the other
+expert-parallel ranks' experts one parameter at a time; the converter writes them to disk and the rollout
+weight sync pushes them into SGLang.
 """
 from typing import Iterator, Optional
 
@@ -28,6 +29,14 @@ def _tp(group=None):
     return dist.get_world_size(group), dist.get_rank(group), group
 
 
+def _expert_groups():
+    """((size, rank, group) of expert-TP, (size, rank, group) of expert parallelism), megatron's global ones."""
+    from megatron.core import parallel_state as ps
+
+    etp, ep = ps.get_expert_tensor_parallel_group(), ps.get_expert_model_parallel_group()
+    return (dist.get_world_size(etp), dist.get_rank(etp), etp), (dist.get_world_size(ep), dist.get_rank(ep), ep)
+
+
 def _is_tp_sharded(param) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
@@ -39,11 +48,12 @@ def load_hf_weights(chunks, arch: ModelArch, hf_dir: str, check_unused: bool = T
     mapping = FamilyMapping(arch)
     reader = SafetensorsReader(hf_dir)
     tp, tp_rank, _ = _tp(tp_group)
+    (etp, etp_rank, _), _ = _expert_groups() if arch.moe else ((1, 0, None), None)
     padded = padded_vocab_size(arch.vocab_size, tp)
     used = set()
-    for name, param in global_named_parameters(chunks):
-        rule, layer = mapping.match(name)
-        hf_names = rule.hf_names(layer)
+    for name, param in global_named_parameters(chunks):  # experts by their global index: this rank's own
+        rule, index = mapping.match(name)
+        hf_names = rule.hf_names(index)
         missing = [n for n in hf_names if n not in reader.weight_map]
         if missing:
             raise WeightMismatchError(
@@ -51,8 +61,9 @@ def load_hf_weights(chunks, arch: ModelArch, hf_dir: str, check_unused: bool = T
                 f"{arch.num_layers}, {arch.architecture}); the config and the weights disagree")
         hf_tensors = [reader.get(n) for n in hf_names]
         _check_hf_shapes(hf_dir, hf_names, hf_tensors, arch)
-        full = mapping.to_megatron(rule, hf_tensors, tp, padded)
-        shard = full.chunk(tp, dim=param.partition_dim)[tp_rank] if _is_tp_sharded(param) else full
+        size, rank = (etp, etp_rank) if rule.expert else (tp, tp_rank)
+        full = mapping.to_megatron(rule, hf_tensors, size, padded)
+        shard = full.chunk(size, dim=param.partition_dim)[rank] if _is_tp_sharded(param) else full
         if shard.shape != param.shape:
             raise WeightMismatchError(f"{hf_dir}: {', '.join(hf_names)} give shape {tuple(shard.shape)} for "
                                       f"{name}, the config implies {tuple(param.shape)}")
@@ -80,23 +91,40 @@ def _check_all_used(hf_dir, names, used):
                                   f"describes, e.g. {extra[:3]}; the config and the weights disagree")
 
 
-def _gather_tp(param, tp, group) -> torch.Tensor:
-    parts = [torch.empty_like(param) for _ in range(tp)]
+def _gather(param, size, group) -> list[torch.Tensor]:
+    parts = [torch.empty_like(param) for _ in range(size)]
     dist.all_gather(parts, param.detach().contiguous(), group=group)
-    return torch.cat(parts, dim=param.partition_dim)
+    return parts
+
+
+def _full(param, size, group) -> torch.Tensor:
+    """The parameter whole: its TP (or expert-TP) shards concatenated."""
+    if not _is_tp_sharded(param) or size == 1:
+        return param.detach()
+    return torch.cat(_gather(param, size, group), dim=param.partition_dim)
 
 
 @torch.no_grad()
 def export_hf_tensors(chunks, arch: ModelArch, dtype: Optional[torch.dtype] = None
                       ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) for every parameter held by this rank's pipeline stage. Collective over the
-    TP group (every TP rank gets the same tensors). At most one gathered parameter is alive at a time."""
+    """(HF name, full tensor) for every parameter held by this rank's pipeline stage, every expert included.
+    Collective over the TP group and, for a mixture-of-experts model, the expert-TP and expert-parallel
+    groups (every rank of a stage's TP x EP ranks gets the same tensors). At most one parameter is gathered
+    at a time (a routed expert's: its copies on all expert-parallel ranks)."""
     mapping = FamilyMapping(arch)
     tp, _, group = _tp()
+    (etp, _, etp_group), (ep, ep_rank, ep_group) = _expert_groups() if arch.moe else ((1, 0, None), (1, 0, None))
     for name, param in global_named_parameters(chunks):
-        rule, layer = mapping.match(name)
+        rule, index = mapping.match(name)
         if not mapping.exported(rule):
             continue
-        full = _gather_tp(param, tp, group) if _is_tp_sharded(param) and tp > 1 else param.detach()
-        for hf_name, tensor in zip(rule.hf_names(layer), mapping.to_hf(rule, full, tp)):
-            yield hf_name, tensor if dtype is None else tensor.to(dtype)
+        if not rule.expert:
+            outputs = [(index, _full(param, tp, group))]
+        else:  # expert e here is expert e + (r - ep_rank) * E/EP on expert-parallel rank r
+            full = _full(param, etp, etp_group)
+            step = arch.moe.num_experts // ep
+            copies = _gather(full, ep, ep_group) if ep > 1 else [full]
+            outputs = [(dict(index, e=index["e"] + (r - ep_rank) * step), copy) for r, copy in enumerate(copies)]
+        for where, whole in outputs:
+            for hf_name, tensor in zip(rule.hf_names(where), mapping.to_hf(rule, whole, etp if rule.expert else tp)):
+                yield hf_name, tensor if dtype is None else tensor.to(dtype)

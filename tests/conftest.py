@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads and fork
 pytest_plugins = ["tests.sglang_servers"]
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
 # GSM8K (MIT) as the workplace ships it, beside the checkout; its tests fail without it rather than skip.
 GSM8K_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                          "shared", "data", "gsm8k")
@@ -50,6 +51,14 @@ def tiny_models(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("tiny_models")
     return {family: write_tiny_checkpoint(str(root / family), family, seed=11, tokenizer=tiny_tokenizer)
             for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_models(tmp_path_factory, tiny_tokenizer):
+    """family -> directory of a tiny random mixture-of-experts HF checkpoint (4 experts, top-2)."""
+    root = tmp_path_factory.mktemp("tiny_moe_models")
+    return {family: write_tiny_checkpoint(str(root / family), family, seed=11, tokenizer=tiny_tokenizer)
+            for family in MOE_FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,13 @@ FAMILY_OVERRIDES = {
     "mistral": dict(sliding_window=8),
     "qwen2": dict(tie_word_embeddings=True, rope_theta=1000000.0),
     "qwen3": dict(head_dim=32, rope_theta=1000000.0),
+    # Mixture-of-experts: 4 experts, top-2; Qwen3-MoE renormalises the top-k and keeps layer 0 dense, Mixtral
+    # has a window, Qwen2-MoE a gated shared expert.
+    "qwen3_moe": dict(head_dim=32, rope_theta=1000000.0, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[0]),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64, rope_theta=1000000.0),
 }
 TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
@@ -48,9 +55,11 @@ def train_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 300
 
 
 def tiny_hf_config(family: str, vocab_size: int, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
-    classes = dict(llama=LlamaConfig, mistral=MistralConfig, qwen2=Qwen2Config, qwen3=Qwen3Config)
+    classes = dict(llama=LlamaConfig, mistral=MistralConfig, qwen2=Qwen2Config, qwen3=Qwen3Config,
+                   qwen3_moe=Qwen3MoeConfig, mixtral=MixtralConfig, qwen2_moe=Qwen2MoeConfig)
     if family not in classes:
         raise ValueError(f"unknown tiny family {family!r}; choose from {sorted(classes)}")
     kwargs = dict(TINY_SIZES, vocab_size=vocab_size, **FAMILY_OVERRIDES[family])

@@ -27,8 +27,26 @@ def resolve_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def moe_fields(arch: ModelArch, parallel: ParallelConfig, aux_loss_coeff: float = 0.0) -> dict:
+    """TransformerConfig's mixture-of-experts fields, routing exactly as transformers does (empty: dense)."""
+    moe = arch.moe
+    if moe is None:
+        return {}
+    return dict(
+        num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k, moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_layer_freq=[int(routed) for routed in moe.moe_layers],
+        # HF: softmax over all experts, then top-k, renormalised iff norm_topk_prob. megatron without
+        # pre-softmax takes the softmax of the k chosen logits: the renormalised probabilities.
+        moe_router_pre_softmax=not moe.norm_topk_prob,
+        moe_shared_expert_intermediate_size=moe.shared_expert_size, moe_shared_expert_gate=moe.shared_expert_gated,
+        moe_token_dispatcher_type=parallel.token_dispatcher, moe_aux_loss_coeff=aux_loss_coeff,
+        moe_expert_capacity_factor=None,  # dropless: every token reaches its k experts
+        expert_model_parallel_size=parallel.expert, expert_tensor_parallel_size=parallel.expert_tensor)
+
+
 def transformer_config(arch: ModelArch, parallel: ParallelConfig, dtype="float32", recompute: str = "none",
-                       init_weights: bool = True, device: Optional[torch.device] = None):
+                       init_weights: bool = True, device: Optional[torch.device] = None,
+                       moe_aux_loss_coeff: float = 0.0):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if recompute not in RECOMPUTE:
@@ -59,20 +77,29 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, dtype="float32
         # notes); Megatron-LM also disables it whenever p2p overlap is on.
         batch_p2p_comm=parallel.virtual_pipeline is None,
         bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
-        **extra)
+        **moe_fields(arch, parallel, moe_aux_loss_coeff), **extra)
 
 
-def layer_spec(arch: ModelArch, parallel: ParallelConfig, use_te: bool):
+def layer_spec(arch: ModelArch, parallel: ParallelConfig, use_te: bool, config, vp_stage=None, pp_rank=None):
     """Transformer Engine's spec on GPUs that have it; otherwise megatron's local spec, with the all-gather
-    CP attention in place of its core attention when the layout is context-parallel."""
+    CP attention in place of its core attention when the layout is context-parallel. A mixture-of-experts
+    model gets megatron's block spec for the layers of (`vp_stage`, `pp_rank`): its MoE and dense layers
+    follow `config.moe_layer_freq`."""
     from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
+        get_gpt_decoder_block_spec, get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
 
-    if use_te:
+    if arch.moe is not None:
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
+                                          vp_stage=vp_stage, pp_rank=pp_rank)
+        layers = spec.layer_specs
+    elif use_te:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
-    if parallel.context > 1:
-        spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+        layers = [spec]
+    if parallel.context > 1 and not use_te:
+        for layer in layers:
+            layer.submodules.self_attention.submodules.core_attention = ContextParallelAttention
     return spec
 
 
@@ -90,22 +117,23 @@ def _llama3_inv_freq(rotary, arch: ModelArch) -> torch.Tensor:
 
 def build_model(arch: ModelArch, parallel: ParallelConfig, dtype="float32", recompute: str = "none",
                 use_te: Optional[bool] = None, init_weights: bool = True, device: Optional[torch.device] = None,
-                pg_collection=None) -> list:
+                pg_collection=None, moe_aux_loss_coeff: float = 0.0) -> list:
     """One GPTModel per virtual pipeline stage held by this rank (a list of one without VPP), on `device`
     (default: the one the process group runs on). The model's groups are `pg_collection` (megatron's
     ProcessGroupCollection for `parallel`, e.g. a teacher in a layout of its own) or, by default, megatron's
     global parallel state, which must then be initialised for `parallel`. `use_te` defaults to Transformer
     Engine when it imports and the device is a GPU. `init_weights=False` skips the random init (seconds on
-    CPU) when a checkpoint is about to overwrite every weight."""
+    CPU) when a checkpoint is about to overwrite every weight. `moe_aux_loss_coeff`: the routers' load-balancing
+    loss (mixture-of-experts models; 0: none)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     device = device or current_device()
-    parallel.check_model(arch.num_attention_heads, arch.num_key_value_heads, arch.num_layers)
-    config = transformer_config(arch, parallel, dtype, recompute, init_weights, device)
+    parallel.check_model(arch.num_attention_heads, arch.num_key_value_heads, arch.num_layers,
+                         arch.moe.num_experts if arch.moe else 0)
+    config = transformer_config(arch, parallel, dtype, recompute, init_weights, device, moe_aux_loss_coeff)
     if use_te is None:
         use_te = device.type == "cuda" and transformer_engine_available()
-    spec = layer_spec(arch, parallel, use_te)
     vocab = padded_vocab_size(arch.vocab_size, parallel.tensor)
     chunks = []
     for vp_stage in range(parallel.virtual_stages):
@@ -115,8 +143,10 @@ def build_model(arch: ModelArch, parallel: ParallelConfig, dtype="float32", reco
             last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
         else:
             first, last = pg_collection.pp.rank() == 0, pg_collection.pp.rank() == parallel.pipeline - 1
+        pp_rank = None if pg_collection is None else pg_collection.pp.rank()
         model = GPTModel(
-            config=config, transformer_layer_spec=spec, vocab_size=vocab,
+            config=config, transformer_layer_spec=layer_spec(arch, parallel, use_te, config, vp, pp_rank),
+            vocab_size=vocab,
             max_sequence_length=arch.max_position_embeddings, position_embedding_type="rope",
             rotary_base=arch.rope_theta, share_embeddings_and_output_weights=arch.tie_word_embeddings,
             rope_scaling=arch.rope_scaling is not None,

@@ -1,11 +1,14 @@
 """Global parameter names for model chunks: decoder layer indices restart at 0 on every pipeline stage
-and virtual chunk, so names are made global from each layer's own `layer_number` (1-based, global)."""
+and virtual chunk, so names are made global from each layer's own `layer_number` (1-based, global); an
+expert-parallel rank holds experts [r*E/EP, (r+1)*E/EP) as local experts 0.., so their names get the index
+among all the layer's experts (the MoE layer's `local_expert_indices`)."""
 import re
 from typing import Iterator
 
 import torch
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
+_LOCAL_EXPERT = re.compile(r"(mlp\.experts\.local_experts\.)(\d+)(\..*)")
 
 
 def global_param_name(chunk, name: str) -> str:
@@ -13,7 +16,11 @@ def global_param_name(chunk, name: str) -> str:
     if not match:
         return name
     layer = chunk.decoder.layers[int(match.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}.{match.group(2)}"
+    rest = match.group(2)
+    expert = _LOCAL_EXPERT.match(rest)
+    if expert:
+        rest = f"{expert.group(1)}{layer.mlp.local_expert_indices[int(expert.group(2))]}{expert.group(3)}"
+    return f"decoder.layers.{layer.layer_number - 1}.{rest}"
 
 
 def global_named_parameters(chunks) -> Iterator[tuple[str, torch.nn.Parameter]]:

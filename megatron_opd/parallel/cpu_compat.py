@@ -6,7 +6,10 @@ when the run's device is the CPU (`trainer.device`), so GPU runs never see it.
 
 What megatron-core 0.19 assumes about CUDA, and what we give it instead:
 - `torch.cuda.current_device()` as the device of buffers -> "cpu".
-- `torch.cuda.synchronize/current_stream/default_stream` (p2p comm, DDP grad sync) -> no-ops.
+- `torch.cuda.synchronize/current_stream/default_stream` (p2p comm, DDP grad sync) and the side streams and
+  events of the MoE alltoall token dispatcher (`torch.cuda.Stream/stream/Event`) -> no-ops.
+- that dispatcher's split sizes: `maybe_move_tensor_to_cpu(..., as_numpy=True)` turns GPU tensors into numpy
+  arrays, which `all_to_all_single` takes; CPU tensors it leaves as tensors, which gloo's refuses -> numpy.
 - the CUDA RNG tracker (tensor_parallel.random) -> backed by the CPU generator, so per-TP-rank
   dropout/init seeds still fork correctly.
 - `.cuda()` (tied embeddings, broadcast_data, the CP slice of the rotary embedding) -> the tensor itself,
@@ -18,6 +21,8 @@ What megatron-core 0.19 assumes about CUDA, and what we give it instead:
 Patches of names rather than a process-wide TorchFunctionMode: a mode runs Python on every tensor op of
 the process, which more than doubled the embedded engine's decode time (34 -> 84 ms for 8 x 32 tokens).
 """
+import contextlib
+
 import torch
 
 # megatron-core modules (on the paths this project runs) with literal device="cuda" or pin_memory=True.
@@ -84,6 +89,9 @@ def _init_data_on_cpu(init_data):
 
 
 class _NullStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
     def wait_event(self, *args, **kwargs):
         pass
 
@@ -94,7 +102,32 @@ class _NullStream:
         pass
 
     def record_event(self, *args, **kwargs):
-        return None
+        return _NullEvent()
+
+
+class _NullEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def query(self):
+        return True
+
+
+def _splits_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's maybe_move_tensor_to_cpu for tensors already on the CPU: numpy copies where asked, as it
+    gives for GPU tensors."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.detach().clone().numpy()
+    return tensor
 
 
 def apply() -> None:
@@ -106,11 +139,16 @@ def apply() -> None:
 
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.transformer.moe import token_dispatcher
 
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
     torch.cuda.default_stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.Stream = _NullStream
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    torch.cuda.Event = _NullEvent
+    token_dispatcher.maybe_move_tensor_to_cpu = _splits_to_host
     torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
     megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()

@@ -63,7 +63,8 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, launch: Optional[Laun
 
 
 def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> ParallelDims:
-    """Megatron's TP/PP/CP/DP groups for `parallel`, plus its per-rank RNG streams."""
+    """Megatron's TP/PP/CP/DP groups (and its expert EP/expert-TP/expert-DP groups) for `parallel`, plus its
+    per-rank RNG streams."""
     from megatron.core import parallel_state, tensor_parallel
 
     parallel.check_world(dist.get_world_size())
@@ -76,6 +77,8 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> Par
         pipeline_model_parallel_size=parallel.pipeline,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         context_parallel_size=parallel.context,
+        expert_model_parallel_size=parallel.expert,
+        expert_tensor_parallel_size=parallel.expert_tensor,
         distributed_timeout_minutes=max(1, round(_timeout_s / 60)),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

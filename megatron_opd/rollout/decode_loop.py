@@ -1,21 +1,30 @@
 """The embedded engine's generation: the HF model's forward written out as a short, fixed list of tensor ops
-per layer (llama, mistral, qwen2, qwen3), over a KV cache allocated once per batch: one prefill of the
-left-padded prompts, then one token per row per step, until every row has stopped or the budget is spent.
-On a small model transformers' `generate` spends most of a step in Python (mask and cache objects, logits
-processors, per-step bookkeeping); this keeps the arithmetic and drops the rest.
+per layer (llama, mistral, qwen2, qwen3 and the mixture-of-experts qwen3_moe, mixtral, qwen2_moe), over a KV
+cache allocated once per batch: one prefill of the left-padded prompts, then one token per row per step,
+until every row has stopped or the budget is spent. On a small model transformers' `generate` spends most of
+a step in Python (mask and cache objects, logits processors, per-step bookkeeping); this keeps the
+arithmetic and drops the rest.
 
-The arithmetic is the HF model's own (its weights, its RMSNorm formula, its rotary-embedding module, SDPA),
-so greedy tokens are `generate`'s and log-probs match its logits to float rounding. Changes of form: the
-projections' weights are stored transposed ([in, out], which a small matmul reads about twice as fast on a
-CPU), q/k/v and gate/up each as one matrix, and a sliding window is a slice of the cache rather than a mask.
+The arithmetic is the HF model's own (its weights, its RMSNorm formula, its rotary-embedding module, SDPA,
+its experts module: `mlp_blocks`), so greedy tokens are `generate`'s and log-probs match its logits to float
+rounding. Everything is read from the HF model and its config. Changes of form: the projections' weights are
+stored transposed ([in, out], which a small matmul reads about twice as fast on a CPU), q/k/v and gate/up
+each as one matrix, and a sliding window is a slice of the cache rather than a mask.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from megatron_opd.rollout.mlp_blocks import mlp_block, transposed
 from megatron_opd.rollout.token_sampler import TokenSampler
+
+# HF model_type -> where a layer's attention window comes from, as the HF model builds its masks: one
+# `sliding_window` for every layer, or per layer from `layer_types` ("sliding_attention"), or none.
+FAMILIES = {"llama": None, "mistral": "global", "qwen2": "layer_types", "qwen3": "layer_types",
+            "qwen3_moe": "global", "mixtral": "global", "qwen2_moe": "layer_types"}
+_ROPE_TYPES = ("default", "llama3")  # static rotary tables; the others change with the length
 
 
 @dataclass(frozen=True)
@@ -27,25 +36,8 @@ class _Layer:
     k_norm: Optional[torch.Tensor]
     o_weight: torch.Tensor
     post_norm: torch.Tensor
-    gate_up_weight: torch.Tensor
-    down_weight: torch.Tensor
-    window: Optional[int]  # keys older than this many positions are not attended to (mistral)
-
-
-def _transposed(linears: list) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One weight [in, sum of outs] (and bias) for linears that read the same input. Their parameters are
-    re-pointed at its transposed slices, so the model's forward and in-place weight updates through the
-    model's parameter names see and change it."""
-    weight = torch.cat([linear.weight.detach() for linear in linears]).t().contiguous()
-    bias = torch.cat([linear.bias.detach() for linear in linears]) if linears[0].bias is not None else None
-    start = 0
-    for linear in linears:
-        rows = linear.weight.shape[0]
-        linear.weight = torch.nn.Parameter(weight[:, start:start + rows].t(), requires_grad=False)
-        if bias is not None:
-            linear.bias = torch.nn.Parameter(bias[start:start + rows], requires_grad=False)
-        start += rows
-    return weight, bias
+    mlp: Callable[[torch.Tensor], torch.Tensor]  # [tokens, hidden] -> [tokens, hidden]: dense or experts
+    window: Optional[int]  # keys older than this many positions are not attended to (mistral, mixtral)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -68,34 +60,57 @@ def _decode_mask(visible: torch.Tensor, end: int, window: Optional[int]) -> tupl
     return first, visible[..., first:end]
 
 
-class DecodeLoop:
-    """Generation on `model` (a transformers causal LM of a supported family, described by `arch`), whose
-    projection parameters it re-points at its own transposed weights."""
+def _window(config, index: int) -> Optional[int]:
+    source = FAMILIES[config.model_type]
+    if source == "layer_types":
+        return config.sliding_window if config.layer_types[index] == "sliding_attention" else None
+    return getattr(config, "sliding_window", None) if source == "global" else None
 
-    def __init__(self, model, arch):
-        if model.config.hidden_act != "silu":
-            raise ValueError(f"{arch.architecture} with hidden_act={model.config.hidden_act!r}: the embedded "
-                             f"engine's decode loop implements silu MLPs")
+
+def _check_supported(config) -> None:
+    """Refuses a model the decode loop does not implement, naming what."""
+    if config.model_type not in FAMILIES:
+        raise ValueError(f"model_type {config.model_type!r}: the embedded engine's decode loop implements "
+                         f"{', '.join(FAMILIES)}")
+    if config.hidden_act != "silu":
+        raise ValueError(f"{config.model_type} with hidden_act={config.hidden_act!r}: the embedded engine's decode "
+                         f"loop implements silu MLPs")
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type not in _ROPE_TYPES:
+        raise ValueError(f"{config.model_type} with rope_type={rope_type!r}: the embedded engine's decode loop "
+                         f"implements {', '.join(_ROPE_TYPES)}")
+
+
+class DecodeLoop:
+    """Generation on `model` (a transformers causal LM of a family in FAMILIES), whose projection parameters
+    it re-points at its own transposed weights."""
+
+    def __init__(self, model):
+        config = model.config
+        _check_supported(config)
         inner = model.model
         self.embed, self.head = inner.embed_tokens.weight, model.lm_head.weight
         self.final_norm, self.rotary = inner.norm.weight, inner.rotary_emb
-        self.eps = arch.rms_norm_eps
-        self.heads, self.kv_heads, self.head_dim = arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim
-        self.scale = inner.layers[0].self_attn.scaling
+        self.eps = config.rms_norm_eps
+        attn = inner.layers[0].self_attn
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.scale = attn.head_dim, attn.scaling
         self.dtype = self.embed.dtype
-        self.layers = [self._layer(layer, arch) for layer in inner.layers]
+        self.layers = [self._layer(layer, config, index) for index, layer in enumerate(inner.layers)]
         self.windows = {layer.window for layer in self.layers}
 
     @staticmethod
-    def _layer(layer, arch) -> _Layer:
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv_weight, qkv_bias = _transposed([attn.q_proj, attn.k_proj, attn.v_proj])
+    def _layer(layer, config, index: int) -> _Layer:
+        attn = layer.self_attn
+        if attn.o_proj.bias is not None:
+            raise ValueError(f"{config.model_type} with attention_bias=true: the embedded engine's decode loop "
+                             f"implements a bias on q/k/v only")
+        qkv_weight, qkv_bias = transposed([attn.q_proj, attn.k_proj, attn.v_proj])
+        qk_norm = hasattr(attn, "q_norm")
         return _Layer(input_norm=layer.input_layernorm.weight, qkv_weight=qkv_weight, qkv_bias=qkv_bias,
-                      q_norm=attn.q_norm.weight if arch.qk_norm else None,
-                      k_norm=attn.k_norm.weight if arch.qk_norm else None, o_weight=_transposed([attn.o_proj])[0],
-                      post_norm=layer.post_attention_layernorm.weight,
-                      gate_up_weight=_transposed([mlp.gate_proj, mlp.up_proj])[0],
-                      down_weight=_transposed([mlp.down_proj])[0], window=arch.sliding_window)
+                      q_norm=attn.q_norm.weight if qk_norm else None, k_norm=attn.k_norm.weight if qk_norm else None,
+                      o_weight=transposed([attn.o_proj])[0], post_norm=layer.post_attention_layernorm.weight,
+                      mlp=mlp_block(layer.mlp, config), window=_window(config, index))
 
     def generate(self, input_ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int, vocab_size: int,
                  sampler: TokenSampler, stop_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,8 +191,7 @@ class DecodeLoop:
                 qk[:, :, :heads].transpose(1, 2), keys.narrow(2, first, start + s - first),
                 values.narrow(2, first, start + s - first), attn_mask=mask, scale=self.scale, enable_gqa=True)
             hidden = hidden + attended.transpose(1, 2).reshape(rows * s, -1) @ layer.o_weight
-            gate, up = (_rms_norm(hidden, layer.post_norm, self.eps) @ layer.gate_up_weight).chunk(2, -1)
-            hidden = hidden + (F.silu(gate) * up) @ layer.down_weight
+            hidden = hidden + layer.mlp(_rms_norm(hidden, layer.post_norm, self.eps))
         return hidden
 
     def _logits(self, hidden: torch.Tensor, head: torch.Tensor) -> torch.Tensor:

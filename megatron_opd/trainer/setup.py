@@ -30,9 +30,14 @@ from megatron_opd.trainer.weight_push import push_weights
 def _check_layout(layout: ParallelConfig, world_size: int, key: str, path: str, arch) -> None:
     try:  # the backend is checked once the device is known
         layout.validate(world_size, arch.num_attention_heads, arch.num_key_value_heads, arch.num_layers,
-                        te_available=True)
+                        te_available=True, num_experts=arch.moe.num_experts if arch.moe else 0)
     except ValueError as err:
         raise ConfigError(f"{key}={path}: {err}") from None
+    # The trainer's weight push and a teacher's own layout do not yet take part in expert-parallel groups: a
+    # run at EP > 1 would hang in its first weight push rather than fail.
+    if layout.expert > 1:
+        raise ConfigError(f"parallel.expert={layout.expert}: the trainer runs mixture-of-experts models at "
+                          f"parallel.expert=1 for now (opd-convert and the models run at any EP); set it to 1")
 
 
 def _check_teacher(cfg: OPDConfig, teacher, key: str, world_size: int, tokenizer, sequences: int, micro: int) -> int:
@@ -43,6 +48,9 @@ def _check_teacher(cfg: OPDConfig, teacher, key: str, world_size: int, tokenizer
     if teacher.engine != "megatron":
         return shared
     layout = teacher_layout(cfg, teacher)
+    if layout is not None and arch.moe:
+        raise ConfigError(f"{key}.path={teacher.path}: a mixture-of-experts teacher runs co-located for now (its "
+                          f"own layout builds no expert groups); leave {key}.parallel unset")
     _check_layout(layout or cfg.parallel, world_size, f"{key}.path", teacher.path, arch)
     teacher_dp = layout.data_parallel_size(world_size) if layout is not None else None
     if teacher_dp and (sequences % teacher_dp or (sequences // teacher_dp) % micro):

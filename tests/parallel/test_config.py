@@ -67,3 +67,32 @@ def test_a_broken_transformer_engine_is_reported(monkeypatch, capsys):
 def test_invalid_values_fail_at_construction(kwargs, message):
     with pytest.raises(ParallelConfigError, match=message):
         ParallelConfig(**kwargs)
+
+
+def test_expert_parallelism_is_carved_out_of_the_data_parallel_ranks():
+    assert ParallelConfig(expert=2).min_world_size == 2 and ParallelConfig(tensor=2, expert=2).min_world_size == 4
+    assert ParallelConfig(tensor=2, expert=2, expert_tensor=1).min_world_size == 2
+    ParallelConfig(tensor=2, expert=4, expert_tensor=1).check_world(4)
+    with pytest.raises(ParallelConfigError, match=r"parallel.expert=4 x parallel.expert_tensor=1 = 4 does not divide "
+                       r"the 2 ranks of a pipeline stage .*context\*data = 2 .*multiple of 8 processes"):
+        ParallelConfig(pipeline=2, expert=4).check_world(4)
+    with pytest.raises(ParallelConfigError, match=r"parallel.expert=3 .*choose parallel.expert dividing context\*data = 4"):
+        ParallelConfig(expert=3).check_world(4)
+
+
+def test_experts_must_divide_by_expert_parallelism_and_dense_models_have_none():
+    ParallelConfig(expert=2).check_model(4, 2, 4, num_experts=4)
+    with pytest.raises(ParallelConfigError, match=r"4 experts per layer do not divide by parallel.expert=3"):
+        ParallelConfig(expert=3).check_model(4, 2, 4, num_experts=4)
+    with pytest.raises(ParallelConfigError, match=r"parallel.expert=2, .*no experts"):
+        ParallelConfig(expert=2).check_model(4, 2, 4, num_experts=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(expert=0), r"parallel.expert=0: must be an integer >= 1"),
+    (dict(expert_tensor=0), r"parallel.expert_tensor=0: must be null"),
+    (dict(token_dispatcher="flex"), r"parallel.token_dispatcher='flex': must be one of allgather\|alltoall"),
+])
+def test_invalid_expert_values_fail_at_construction(kwargs, message):
+    with pytest.raises(ParallelConfigError, match=message):
+        ParallelConfig(**kwargs)
