@@ -102,6 +102,9 @@ class ActorConfig:
     log_prob_min_clamp: Optional[float] = None
     grad_clip: float = 1.0
     recompute: str = "none"
+    # A mixture-of-experts student's router load-balancing loss (megatron's switch loss, summed over its MoE
+    # layers). null: the student's config.json router_aux_loss_coef (0 for a dense student). The teacher has none.
+    moe_aux_loss_coef: Optional[float] = None
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self):
@@ -121,6 +124,8 @@ class ActorConfig:
                self.ppo_mini_batch_size, "must be null or >= 1")
         check(0 <= self.lmbda <= 1, "actor.lmbda", self.lmbda, "must be in [0, 1] (1: on-policy)")
         check(self.grad_clip >= 0, "actor.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        check(self.moe_aux_loss_coef is None or self.moe_aux_loss_coef >= 0, "actor.moe_aux_loss_coef",
+              self.moe_aux_loss_coef, "must be null (the student's router_aux_loss_coef) or >= 0")
         one_of("actor.policy_loss", self.policy_loss, POLICY_LOSSES)
         check(self.loss_max_clamp is None or self.loss_max_clamp > 0, "actor.loss_max_clamp", self.loss_max_clamp,
               "must be null (no clamp) or > 0")

@@ -129,8 +129,9 @@ def build_model(arch: ModelArch, parallel: ParallelConfig, dtype="float32", reco
     from megatron.core.models.gpt import GPTModel
 
     device = device or current_device()
+    # A dense model may share a layout whose expert parallelism is another model's (a co-located teacher).
     parallel.check_model(arch.num_attention_heads, arch.num_key_value_heads, arch.num_layers,
-                         arch.moe.num_experts if arch.moe else 0)
+                         arch.moe.num_experts if arch.moe else None)
     config = transformer_config(arch, parallel, dtype, recompute, init_weights, device, moe_aux_loss_coeff)
     if use_te is None:
         use_te = device.type == "cuda" and transformer_engine_available()

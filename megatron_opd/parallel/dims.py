@@ -29,6 +29,9 @@ class ParallelDims:
     # megatron's ProcessGroupCollection of a layout of its own (parallel/own_layout.py), which its models and
     # schedule take; None: megatron's global groups
     pg_collection: Any = None
+    # Among the ranks holding the same experts (mixture-of-experts); those at 0 hold every expert between them,
+    # with their expert-parallel peers. Without experts it is the DP x CP rank: 0 where dp_rank and cp_rank are.
+    expert_dp_rank: int = 0
 
     @classmethod
     def from_parallel_state(cls, config: ParallelConfig, device: torch.device) -> "ParallelDims":
@@ -39,7 +42,8 @@ class ParallelDims:
                    cp_rank=ps.get_context_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
                    tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),
                    cp_group=ps.get_context_parallel_group(), dp_group=ps.get_data_parallel_group(),
-                   is_first_stage=ps.is_pipeline_first_stage(), is_last_stage=ps.is_pipeline_last_stage())
+                   is_first_stage=ps.is_pipeline_first_stage(), is_last_stage=ps.is_pipeline_last_stage(),
+                   expert_dp_rank=ps.get_expert_data_parallel_rank())
 
     @property
     def dp_size(self) -> int:

@@ -22,7 +22,7 @@ from megatron_opd.config import OPDConfig
 from megatron_opd.models.batch import split_micro_batches
 from megatron_opd.models.head import final_hidden_states, output_weight
 from megatron_opd.models.pipeline import forward_pass, student_pass
-from megatron_opd.trainer import checkpoint
+from megatron_opd.trainer import checkpoint, moe_metrics
 from megatron_opd.trainer.objective import PARTS, LossInputs, Objective
 from megatron_opd.trainer.optim import optimizer_step
 from megatron_opd.trainer.preemption import Preemption
@@ -123,6 +123,8 @@ class Trainer:
                                        cfg.actor.max_tokens_per_micro_batch, cfg.parallel.sequence_multiple)
             minis.append(slice(len(micro), len(micro) + len(mini)))
             micro += [mb.context_shard(dims.cp_rank, dims.cp_size) for mb in mini]
+        routing = moe_metrics.watch(run.student)
+        routing.start()
         started = time.perf_counter()
         teacher = run.teacher.outputs(samples, batch, micro) if run.teacher is not None else [None] * len(micro)
         teacher_s = time.perf_counter() - started
@@ -134,6 +136,7 @@ class Trainer:
                    for values in [[u[name] for u in updates if name in u]]}
         metrics["actor/skipped_updates"] = sum(u["actor/skipped_updates"] for u in updates)
         metrics["actor/lr"] = run.optimizer.param_groups[0]["lr"]
+        metrics.update(routing.metrics(dims))  # over the step's updates
         if run.teacher is not None:
             metrics["teacher/bytes_moved_per_token"] = run.teacher.bytes_per_token(batch)
             metrics.update(run.teacher.step_metrics)

@@ -30,14 +30,9 @@ from megatron_opd.trainer.weight_push import push_weights
 def _check_layout(layout: ParallelConfig, world_size: int, key: str, path: str, arch) -> None:
     try:  # the backend is checked once the device is known
         layout.validate(world_size, arch.num_attention_heads, arch.num_key_value_heads, arch.num_layers,
-                        te_available=True, num_experts=arch.moe.num_experts if arch.moe else 0)
+                        te_available=True, num_experts=arch.moe.num_experts if arch.moe else None)
     except ValueError as err:
         raise ConfigError(f"{key}={path}: {err}") from None
-    # The trainer's weight push and a teacher's own layout do not yet take part in expert-parallel groups: a
-    # run at EP > 1 would hang in its first weight push rather than fail.
-    if layout.expert > 1:
-        raise ConfigError(f"parallel.expert={layout.expert}: the trainer runs mixture-of-experts models at "
-                          f"parallel.expert=1 for now (opd-convert and the models run at any EP); set it to 1")
 
 
 def _check_teacher(cfg: OPDConfig, teacher, key: str, world_size: int, tokenizer, sequences: int, micro: int) -> int:
@@ -84,6 +79,11 @@ def check_layout_and_vocab(cfg: OPDConfig, world_size: int):
         for name, teacher in run_teachers(cfg).items():
             vocab_size = min(vocab_size, _check_teacher(cfg, teacher, teacher_key(cfg, name), world_size, tokenizer,
                                                         sequences, micro))
+    colocated = [student] + [load_arch(t.path) for t in run_teachers(cfg).values() if cfg.trainer.mode == "distill"
+                             and t.engine == "megatron" and teacher_layout(cfg, t) is None]
+    if cfg.parallel.expert > 1 and not any(arch.moe for arch in colocated):
+        raise ConfigError(f"parallel.expert={cfg.parallel.expert}: no model in the student's layout has experts "
+                          f"(the student and its co-located teachers are dense); set parallel.expert=1")
     dp = world_size // cfg.parallel.model_parallel_size
     mini = (cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size) * cfg.rollout.n
     if mini % dp or (mini // dp) % micro:
@@ -137,7 +137,8 @@ class Run:
             check_routing(cfg, self.dataset)
             self.routing = TeacherRouting(run_teachers(cfg))
         self.dims = initialize_model_parallel(cfg.parallel, seed=cfg.trainer.seed)
-        _, self.student = load_pretrained(cfg.student.path, cfg.parallel, self.student_dtype, cfg.actor.recompute)
+        _, self.student = load_pretrained(cfg.student.path, cfg.parallel, self.student_dtype, cfg.actor.recompute,
+                                          moe_aux_loss_coeff=cfg.actor.moe_aux_loss_coef)
         self.teacher = self._make_teachers(teacher_dtypes) if cfg.trainer.mode == "distill" else None
         if cfg.actor.max_tokens_per_micro_batch:  # micro-batches of varying shapes cross pipeline stages
             self.student[0].config.variable_seq_lengths = True

@@ -20,8 +20,10 @@ def _stage_sender_ranks(dims: ParallelDims) -> list[int]:
 
 def _stream_to_rank0(chunks, arch, senders: list[int], dims: ParallelDims):
     """On rank 0: yields every stage's tensors in order. Elsewhere: sends its stage's tensors (or just
-    takes part in the TP gathers) and yields nothing."""
-    in_first_replica = dims.dp_rank == 0 and dims.cp_rank == 0
+    takes part in the TP and expert-parallel gathers) and yields nothing."""
+    # The first replica of every weight: dense ones at DP = CP = 0, experts over the expert-parallel peers of
+    # those ranks, which megatron carves out of the DP x CP ranks; expert_dp_rank 0 is exactly that set.
+    in_first_replica = dims.expert_dp_rank == 0
     if dims.rank == 0:
         yield from export_hf_tensors(chunks, arch)
         for sender in senders[1:]:

@@ -1,16 +1,16 @@
-"""Mixture-of-experts models in the trainer at EP=1: a Qwen3-MoE student (its rollouts from the embedded
-engine's MoE block, its expert weights pushed by HF name every step) with a dense teacher, and a dense student
-with a Mixtral teacher (co-located, full-vocabulary reverse KL). DP=2 equals one process for the MoE student,
-and TP=2 for the MoE teacher (its experts cut by expert-TP) equals TP=1, step by step (rel 1e-5). What the
-trainer does not run yet is refused at start-up, naming the key: expert parallelism, and a MoE teacher in a
-layout of its own."""
+"""Mixture-of-experts models in the trainer: a Qwen3-MoE student (its rollouts from the embedded engine's MoE
+block, its expert weights pushed by HF name every step, gathered over the expert-parallel ranks) with a dense
+teacher, at EP=2 on 2 processes, equals one process step by step (rel 1e-5) with either token dispatcher, and a
+stop and resume at EP=2 continues bit for bit; a dense student with a co-located Mixtral teacher at TP=2 (its
+experts cut by expert-TP) equals TP=1. Refused at start-up, naming the key: expert parallelism where no model
+has experts, and a MoE teacher in a layout of its own."""
 import pytest
 
 from megatron_opd.config import ConfigError
 from megatron_opd.trainer.setup import check_layout_and_vocab
-from tests.runs import REL, run_config, train
+from tests.runs import REL, assert_checkpoint, learning, run_config, train
 
-RUN = ("trainer.total_steps=2", "trainer.export_hf=false")
+RUN = ("trainer.total_steps=3", "trainer.export_hf=false")
 
 
 def _same(one, other, *names):
@@ -19,12 +19,31 @@ def _same(one, other, *names):
             assert step_other[name] == pytest.approx(step_one[name], rel=REL), name
 
 
-def test_a_moe_student_on_two_processes_equals_one(distill_setup, tiny_moe_models, tmp_path):
-    setup = dict(distill_setup, student=tiny_moe_models["qwen3_moe"])
-    one = train(setup, tmp_path / "one", *RUN)
-    two = train(setup, tmp_path / "two", *RUN, world_size=2)
-    _same(one, two, "actor/kl_loss", "actor/grad_norm")
-    assert all(step["actor/kl_loss"] > 0 for step in one)
+@pytest.fixture(scope="module")
+def moe_student(distill_setup, tiny_moe_models):
+    return dict(distill_setup, student=tiny_moe_models["qwen3_moe"])
+
+
+@pytest.fixture(scope="module")
+def one_process(moe_student, tmp_path_factory):
+    return train(moe_student, tmp_path_factory.mktemp("one"), *RUN)
+
+
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+def test_a_moe_student_at_ep2_equals_one_process(moe_student, one_process, tmp_path, dispatcher):
+    two = train(moe_student, tmp_path, *RUN, "parallel.expert=2", f"parallel.token_dispatcher={dispatcher}",
+                world_size=2)
+    _same(one_process, two, "actor/kl_loss", "actor/grad_norm", "response_length/mean")
+    assert all(step["actor/kl_loss"] > 0 for step in one_process)
+
+
+def test_stop_and_resume_at_ep2_continues_exactly(moe_student, tmp_path):
+    ep2 = ("parallel.expert=2", "parallel.token_dispatcher=alltoall")
+    train(moe_student, tmp_path / "whole", *RUN, *ep2, world_size=2)
+    train(moe_student, tmp_path / "stopped", *RUN, *ep2, "trainer.exit_interval=1", world_size=2)
+    assert_checkpoint(tmp_path / "stopped", 1, processes=2)
+    train(moe_student, tmp_path / "stopped", *RUN, *ep2, world_size=2)
+    assert learning(tmp_path / "stopped") == learning(tmp_path / "whole")
 
 
 def test_a_moe_teacher_at_tp2_equals_tp1(distill_setup, tiny_moe_models, tmp_path):
@@ -34,12 +53,11 @@ def test_a_moe_teacher_at_tp2_equals_tp1(distill_setup, tiny_moe_models, tmp_pat
     _same(one, two, "actor/kl_loss", "actor/grad_norm")
 
 
-@pytest.mark.parametrize("override, says", [
-    ("parallel.expert=2", r"parallel.expert=2: the trainer runs mixture-of-experts models at parallel.expert=1"),
-    ("teacher.parallel.tensor=2", r"teacher.path=.*: a mixture-of-experts teacher runs co-located for now"),
+@pytest.mark.parametrize("models, override, says", [
+    ((), "parallel.expert=2", r"parallel.expert=2: no model in the student's layout has experts"),
+    (("mixtral",), "teacher.parallel.tensor=2", r"teacher.path=.*: a mixture-of-experts teacher runs co-located"),
 ])
-def test_what_the_trainer_does_not_run_yet_is_refused(distill_setup, tiny_moe_models, tmp_path, override, says):
-    setup = dict(distill_setup, student=tiny_moe_models["qwen3_moe"], teacher=tiny_moe_models["mixtral"])
-    cfg = run_config(setup, tmp_path, override)
+def test_what_the_trainer_does_not_run_is_refused(distill_setup, tiny_moe_models, tmp_path, models, override, says):
+    setup = dict(distill_setup, **{"teacher": tiny_moe_models[m] for m in models})
     with pytest.raises(ConfigError, match=says):
-        check_layout_and_vocab(cfg, world_size=2)
+        check_layout_and_vocab(run_config(setup, tmp_path, override), world_size=2)
