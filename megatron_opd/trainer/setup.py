@@ -35,13 +35,14 @@ def _check_layout(layout: ParallelConfig, world_size: int, key: str, path: str, 
         raise ConfigError(f"{key}={path}: {err}") from None
 
 
-def _check_teacher(cfg: OPDConfig, teacher, key: str, world_size: int, tokenizer, sequences: int, micro: int) -> int:
-    """A teacher fits its layout and shares the student's tokenizer; returns the vocabulary size they share."""
+def _check_teacher(cfg: OPDConfig, teacher, key: str, world_size: int, tokenizer, sequences: int, micro: int):
+    """A teacher fits its layout and shares the student's tokenizer; returns the vocabulary size they share and
+    its arch where it sits in the student's layout (None elsewhere)."""
     arch = load_arch(teacher.path)
     shared = min(arch.vocab_size, shared_vocab_size(tokenizer, load_tokenizer(teacher.path, f"{key}.path"),
                                                     cfg.student.path, teacher.path, key))
     if teacher.engine != "megatron":
-        return shared
+        return shared, None
     layout = teacher_layout(cfg, teacher)
     if layout is not None and arch.moe:
         raise ConfigError(f"{key}.path={teacher.path}: a mixture-of-experts teacher runs co-located for now (its "
@@ -53,7 +54,7 @@ def _check_teacher(cfg: OPDConfig, teacher, key: str, world_size: int, tokenizer
                           f"of the teacher's {teacher_dp} data-parallel ranks gets {sequences / teacher_dp:g} of "
                           f"the step's {sequences} sequences, which must be a whole multiple of "
                           f"actor.micro_batch_size={cfg.actor.micro_batch_size}")
-    return shared
+    return shared, arch if layout is None else None
 
 
 def check_routing(cfg: OPDConfig, dataset) -> None:
@@ -75,12 +76,13 @@ def check_layout_and_vocab(cfg: OPDConfig, world_size: int):
     vocab_size = min(len(tokenizer), student.vocab_size)
     sequences = cfg.data.train_batch_size * cfg.rollout.n
     micro = 1 if cfg.actor.max_tokens_per_micro_batch else cfg.actor.micro_batch_size
+    colocated = [student]
     if cfg.trainer.mode == "distill":
         for name, teacher in run_teachers(cfg).items():
-            vocab_size = min(vocab_size, _check_teacher(cfg, teacher, teacher_key(cfg, name), world_size, tokenizer,
-                                                        sequences, micro))
-    colocated = [student] + [load_arch(t.path) for t in run_teachers(cfg).values() if cfg.trainer.mode == "distill"
-                             and t.engine == "megatron" and teacher_layout(cfg, t) is None]
+            shared, arch = _check_teacher(cfg, teacher, teacher_key(cfg, name), world_size, tokenizer, sequences,
+                                          micro)
+            vocab_size = min(vocab_size, shared)
+            colocated += [arch] if arch is not None else []
     if cfg.parallel.expert > 1 and not any(arch.moe for arch in colocated):
         raise ConfigError(f"parallel.expert={cfg.parallel.expert}: no model in the student's layout has experts "
                           f"(the student and its co-located teachers are dense); set parallel.expert=1")
