@@ -1,6 +1,8 @@
 """GPU smoke test: 5 on-policy distillation steps of a Qwen2.5-0.5B-shaped student against a Qwen2.5-1.5B-shaped
 teacher (random bf16 weights, built here) at TP=1, embedded engine, full-vocabulary reverse KL; then one step
-with teacher = student, which must give KL 0 and no gradient. Prints each step's time breakdown, tokens/s and
+with teacher = student, which must give KL 0 and no gradient; then 3 steps of a mixture-of-experts student (a small
+Qwen3-MoE shape: 32 experts, top-4, EP=1 on the one GPU, megatron's SequentialMLP experts) against the same
+teacher, with its routing metrics. Prints each step's time breakdown, tokens/s and
 peak GPU memory; --out writes the same as JSON. Exit 1 if the KL-0 check fails, 2 if the GPU is unusable.
 
 A step is 16 prompts x 4 samples x 256 new tokens: 64 sequences of ~310 tokens (56-token prompts), micro-batches
@@ -60,6 +62,7 @@ STEP_KEYS = ("actor/kl_loss", "actor/grad_norm", "response_length/mean", *TIMING
 class Plan:
     student: dict  # HF config fields
     teacher: dict
+    moe_student: dict  # a Qwen3-MoE student's
     steps: int
     prompts: int
     samples: int  # rollout.n
@@ -72,10 +75,16 @@ PLANS = {
                                  intermediate_size=4864),
                     teacher=dict(QWEN25, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
                                  intermediate_size=8960),
+                    moe_student=dict(QWEN25, tie_word_embeddings=False, hidden_size=1024, num_hidden_layers=12,
+                                     num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=32,
+                                     num_experts_per_tok=4, moe_intermediate_size=512, mlp_only_layers=[]),
                     steps=5, prompts=16, samples=4, response_length=256, micro_batch=8),
     "tiny": Plan(student=TINY, teacher=dict(TINY, hidden_size=96, intermediate_size=192, num_hidden_layers=6),
+                 moe_student=dict(TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
                  steps=2, prompts=4, samples=2, response_length=16, micro_batch=4),
 }
+MOE_STEPS = 3
+MOE_KEYS = ("moe/aux_loss", "moe/expert_load_max_over_mean")
 MAX_PROMPT_LENGTH = 128  # the synthetic prompts are 53-57 tokens with the local tokenizer's chat template
 
 
@@ -84,12 +93,12 @@ def versions() -> dict:
             "transformers": transformers.__version__, "megatron-core": megatron.core.__version__}
 
 
-def write_checkpoint(out_dir: str, fields: dict, seed: int, tokenizer, device: str) -> int:
-    """A random bf16 Qwen2 HF checkpoint, initialised on `device` (a GPU does 2B parameters in seconds); its
+def write_checkpoint(out_dir: str, fields: dict, seed: int, tokenizer, device: str, family: str = "qwen2") -> int:
+    """A random bf16 HF checkpoint of `family`, initialised on `device` (a GPU does 2B parameters in seconds); its
     parameter count. Not tiny.write_tiny_checkpoint: that one ties the vocabulary to the tokenizer's."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_hf_config("qwen2", eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    config = tiny_hf_config(family, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                             bos_token_id=None, **fields)
     torch.manual_seed(seed)
     with torch.device(device):
@@ -124,7 +133,7 @@ def train(args: list, device: str) -> dict:
     sequences = cfg.data.train_batch_size * cfg.rollout.n
     steps = []
     for record in history:
-        step = {"step": record["step"], **{key: record[key] for key in STEP_KEYS}}
+        step = {"step": record["step"], **{key: record[key] for key in (*STEP_KEYS, *MOE_KEYS) if key in record}}
         step["perf/generated_tokens_per_s"] = step["response_length/mean"] * sequences / step["timing_s/gen"]
         steps.append(step)
     shutil.rmtree(cfg.trainer.save_dir, ignore_errors=True)  # at full size the checkpoint is ~7 GB
@@ -180,6 +189,17 @@ def smoke(plan: Plan, device: str, workdir: str, report: dict, dump) -> bool:
     print_run("teacher = student, 1 step", same)
     print(f"\nKL-0 check {'passed' if passed else 'FAILED'}: KL {kl:.3g} (bound {KL_ZERO_ABS:g}), grad norm {grad:.3g} "
           f"against {reference:.3g} with the real teacher on the same batch (bound {GRAD_ZERO_REL:g}x)")
+    dump()
+
+    moe_student = os.path.join(workdir, "moe_student")
+    report["params"]["moe_student"] = write_checkpoint(moe_student, plan.moe_student, 3, tokenizer, device,
+                                                       family="qwen3_moe")
+    moe = train(overrides(plan, moe_student, teacher, train_file, MOE_STEPS, os.path.join(workdir, "moe"), device),
+                device)
+    report["moe"] = {**moe, "steady": steady(moe["steps"])}
+    print_run(f"mixture-of-experts student ({report['params']['moe_student'] / 1e6:.1f}M parameters), "
+              f"{MOE_STEPS} steps", moe)
+    print("routing: " + ", ".join(f"step {s['step']} {k} {s[k]:.3g}" for s in moe["steps"] for k in MOE_KEYS))
     return passed
 
 

@@ -77,6 +77,26 @@ GATED_SHARED_EXPERT = (
     Rule(L + "mlp.shared_experts.linear_fc2.weight", (H + "mlp.shared_expert.down_proj.weight",), layers=MOE),
     Rule(L + "mlp.shared_experts.gate_weight", (H + "mlp.shared_expert_gate.weight",), layers=MOE),
 )
+A = L + "self_attention.", H + "self_attn."
+# Multi-latent attention: every linear is megatron's plain (column- or row-parallel) linear over HF's, so
+# each is a copy (TP shards: the rows of the column-parallel ones, as the loader chunks any sharded weight).
+Q_LORA = (
+    Rule(A[0] + "linear_q_down_proj.weight", (A[1] + "q_a_proj.weight",)),
+    Rule(A[0] + "q_layernorm.weight", (A[1] + "q_a_layernorm.weight",)),
+    Rule(A[0] + "linear_q_up_proj.weight", (A[1] + "q_b_proj.weight",)),
+)
+Q_DIRECT = (Rule(A[0] + "linear_q_proj.weight", (A[1] + "q_proj.weight",)),)  # q_lora_rank null
+MLA = (
+    Rule(A[0] + "linear_kv_down_proj.weight", (A[1] + "kv_a_proj_with_mqa.weight",)),
+    Rule(A[0] + "kv_layernorm.weight", (A[1] + "kv_a_layernorm.weight",)),
+    Rule(A[0] + "linear_kv_up_proj.weight", (A[1] + "kv_b_proj.weight",)),
+)
+DEEPSEEK_MOE = routed_experts("mlp", "gate_proj.weight", "up_proj.weight", "down_proj.weight") + (
+    Rule(L + "mlp.router.expert_bias", (H + "mlp.gate.e_score_correction_bias",), layers=MOE),  # a buffer
+    Rule(L + "mlp.shared_experts.linear_fc1.weight",
+         (H + "mlp.shared_experts.gate_proj.weight", H + "mlp.shared_experts.up_proj.weight"), GATE_UP, MOE),
+    Rule(L + "mlp.shared_experts.linear_fc2.weight", (H + "mlp.shared_experts.down_proj.weight",), layers=MOE),
+)
 MAPPINGS = {
     "llama": DENSE_DECODER,
     "mistral": DENSE_DECODER,
@@ -86,14 +106,19 @@ MAPPINGS = {
     # transformers saves Mixtral's experts under their original names: w1 gate, w3 up, w2 down.
     "mixtral": DENSE_DECODER + routed_experts("block_sparse_moe", "w1.weight", "w3.weight", "w2.weight"),
     "qwen2_moe": DENSE_DECODER + QKV_BIAS + QWEN_EXPERTS + GATED_SHARED_EXPERT,
+    "deepseek_v3": tuple(r for r in DENSE_DECODER if ".linear_qkv." not in r.megatron) + Q_LORA + Q_DIRECT + MLA
+    + DEEPSEEK_MOE,
 }
 # The Transformer Engine spec fuses the pre-attention/pre-MLP norms into the next linear layer.
 TE_NAMES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",  # MLA
+    "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight",
 }
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(r"(mlp\.experts\.local_experts\.)(\d+)(\..+)")
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class FamilyMapping:
@@ -105,6 +130,9 @@ class FamilyMapping:
         if arch.tie_word_embeddings:  # the output layer is the embedding; HF files have no lm_head
             rules = tuple(Rule(r.megatron, ("model.embed_tokens.weight",), VOCAB)
                           if r.megatron == "output_layer.weight" else r for r in rules)
+        if arch.mla is not None:  # the query through a low-rank latent, or projected directly
+            unused = Q_DIRECT if arch.mla.q_lora_rank else Q_LORA
+            rules = tuple(r for r in rules if r not in unused)
         self.rules = {rule.megatron: rule for rule in rules}
 
     def match(self, megatron_name: str) -> tuple[Rule, dict]:
@@ -121,6 +149,13 @@ class FamilyMapping:
         if key not in self.rules:
             raise KeyError(f"no {self.arch.family} mapping for megatron parameter {megatron_name!r}")
         return self.rules[key], index
+
+    def ignored(self, hf_name: str) -> bool:
+        """HF tensors the model does not use: DeepSeek-V3's multi-token-prediction layers, numbered after the
+        decoder's (transformers skips them on load too)."""
+        layer = _HF_LAYER.match(hf_name)
+        mtp = bool(self.arch.hf_config.get("num_nextn_predict_layers"))
+        return mtp and layer is not None and int(layer.group(1)) >= self.arch.num_layers
 
     def exported(self, rule: Rule) -> bool:
         """Tied output layers exist on the last stage as a copy of the embedding: not a tensor of their own."""

@@ -6,11 +6,10 @@
 """
 import json
 import os
-from typing import Optional
 
 from checkpoint_tools.hf_files import INDEX_NAME, SINGLE_NAME, CheckpointFileError
 from checkpoint_tools.weights import load_hf_weights
-from megatron_opd.models import build_model, load_arch
+from megatron_opd.models import RouterLoss, build_model, load_arch
 from megatron_opd.models.sharded_checkpoint import load_model
 from megatron_opd.parallel import ParallelConfig
 
@@ -53,25 +52,22 @@ def checkpoint_dtype(path: str) -> str:
 
 
 def load_pretrained(path: str, parallel: ParallelConfig, dtype=None, recompute: str = "none", pg_collection=None,
-                    moe_aux_loss_coeff: Optional[float] = 0.0):
+                    router_loss: RouterLoss = RouterLoss()):
     """Build the model described by `path` (an HF directory or a converted Megatron checkpoint) for
     `parallel`, in `dtype` (default: the checkpoint's), and load its weights. The model's groups are
     `pg_collection` (a layout of its own) or megatron's initialised global state; it lands on the process
-    group's device. `moe_aux_loss_coeff`: a mixture-of-experts model's router load-balancing loss (0: none, a
-    frozen model's; None: its config's router_aux_loss_coef). Returns (arch, chunks)."""
+    group's device. `router_loss`: a mixture-of-experts model's router losses (default: none, a frozen model's).
+    Returns (arch, chunks)."""
     if not os.path.isdir(path):
         raise CheckpointFileError(f"{path}: no such model directory")
     arch = load_arch(path)
-    if moe_aux_loss_coeff is None:
-        moe_aux_loss_coeff = arch.moe.router_aux_loss_coef if arch.moe else 0.0
-    build = dict(recompute=recompute, init_weights=False, pg_collection=pg_collection,
-                 moe_aux_loss_coeff=moe_aux_loss_coeff)
+    build = dict(recompute=recompute, init_weights=False, pg_collection=pg_collection, router_loss=router_loss)
     if is_mcore_dir(path):
         chunks = build_model(arch, parallel, dtype=dtype or checkpoint_dtype(path), **build)
         load_model(chunks, os.path.join(path, MODEL_SUBDIR), pg_collection)
     elif is_hf_dir(path):
         chunks = build_model(arch, parallel, dtype=dtype or arch.torch_dtype, **build)
-        load_hf_weights(chunks, arch, path, tp_group=None if pg_collection is None else pg_collection.tp)
+        load_hf_weights(chunks, arch, path, pg_collection=pg_collection)
     else:
         raise CheckpointFileError(f"{path}: neither a Hugging Face checkpoint ({SINGLE_NAME}) nor a converted "
                                   f"Megatron checkpoint ({MARKER})")

@@ -14,27 +14,32 @@ import torch.distributed as dist
 from checkpoint_tools.hf_files import SafetensorsReader
 from checkpoint_tools.mapping import FamilyMapping
 from megatron_opd.models import ModelArch, padded_vocab_size
-from megatron_opd.models.naming import global_named_parameters
+from megatron_opd.models.naming import global_named_tensors
 
 
 class WeightMismatchError(ValueError):
     """The weights do not fit the config (missing, extra or mis-shaped tensors)."""
 
 
-def _tp(group=None):
-    """(size, rank, group) of `group`, by default megatron's global TP group."""
-    from megatron.core import parallel_state
-
-    group = group if group is not None else parallel_state.get_tensor_model_parallel_group()
+def _sized(group):
     return dist.get_world_size(group), dist.get_rank(group), group
 
 
-def _expert_groups():
-    """((size, rank, group) of expert-TP, (size, rank, group) of expert parallelism), megatron's global ones."""
+def _tp(pg_collection=None):
+    """(size, rank, group) of the chunks' TP group: `pg_collection`'s (a layout of its own), else megatron's."""
+    from megatron.core import parallel_state
+
+    return _sized(parallel_state.get_tensor_model_parallel_group() if pg_collection is None else pg_collection.tp)
+
+
+def _expert_groups(pg_collection=None):
+    """((size, rank, group) of expert-TP, (size, rank, group) of expert parallelism): `pg_collection`'s, else
+    megatron's global ones."""
     from megatron.core import parallel_state as ps
 
-    etp, ep = ps.get_expert_tensor_parallel_group(), ps.get_expert_model_parallel_group()
-    return (dist.get_world_size(etp), dist.get_rank(etp), etp), (dist.get_world_size(ep), dist.get_rank(ep), ep)
+    if pg_collection is not None:
+        return _sized(pg_collection.expt_tp), _sized(pg_collection.ep)
+    return _sized(ps.get_expert_tensor_parallel_group()), _sized(ps.get_expert_model_parallel_group())
 
 
 def _is_tp_sharded(param) -> bool:
@@ -42,16 +47,16 @@ def _is_tp_sharded(param) -> bool:
 
 
 @torch.no_grad()
-def load_hf_weights(chunks, arch: ModelArch, hf_dir: str, check_unused: bool = True, tp_group=None) -> None:
-    """Collective when check_unused (the names read on all ranks are compared with the files'). `tp_group`:
-    the chunks' TP group (default: megatron's global one)."""
+def load_hf_weights(chunks, arch: ModelArch, hf_dir: str, check_unused: bool = True, pg_collection=None) -> None:
+    """Collective when check_unused (the names read on all ranks are compared with the files'). `pg_collection`:
+    the chunks' groups (a layout of its own; default: megatron's global ones)."""
     mapping = FamilyMapping(arch)
     reader = SafetensorsReader(hf_dir)
-    tp, tp_rank, _ = _tp(tp_group)
-    (etp, etp_rank, _), _ = _expert_groups() if arch.moe else ((1, 0, None), None)
+    tp, tp_rank, _ = _tp(pg_collection)
+    (etp, etp_rank, _), _ = _expert_groups(pg_collection) if arch.moe else ((1, 0, None), None)
     padded = padded_vocab_size(arch.vocab_size, tp)
     used = set()
-    for name, param in global_named_parameters(chunks):  # experts by their global index: this rank's own
+    for name, param in global_named_tensors(chunks):  # experts by their global index: this rank's own
         rule, index = mapping.match(name)
         hf_names = rule.hf_names(index)
         missing = [n for n in hf_names if n not in reader.weight_map]
@@ -70,7 +75,7 @@ def load_hf_weights(chunks, arch: ModelArch, hf_dir: str, check_unused: bool = T
         param.copy_(shard)
         used.update(hf_names)
     if check_unused:
-        _check_all_used(hf_dir, reader.names(), used)
+        _check_all_used(hf_dir, [n for n in reader.names() if not mapping.ignored(n)], used)
 
 
 def _check_hf_shapes(hf_dir, names, tensors, arch: ModelArch):
@@ -114,7 +119,7 @@ def export_hf_tensors(chunks, arch: ModelArch, dtype: Optional[torch.dtype] = No
     mapping = FamilyMapping(arch)
     tp, _, group = _tp()
     (etp, _, etp_group), (ep, ep_rank, ep_group) = _expert_groups() if arch.moe else ((1, 0, None), (1, 0, None))
-    for name, param in global_named_parameters(chunks):
+    for name, param in global_named_tensors(chunks):
         rule, index = mapping.match(name)
         if not mapping.exported(rule):
             continue

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads and fork
 pytest_plugins = ["tests.sglang_servers"]
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3")
 # GSM8K (MIT) as the workplace ships it, beside the checkout; its tests fail without it rather than skip.
 GSM8K_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                          "shared", "data", "gsm8k")

@@ -6,6 +6,7 @@ each is started once, by its first user, and used through its engine or its URL 
   `distill_setup` have this architecture).
 - `sglang_pair_server`: the Qwen2.5-0.5B-like student of `qwen_pair` (20 padding rows past its tokens), for the
   trainer's runs with rollout.url; each run pushes its own weights at its start.
+- `sglang_moe_engine`: a tiny Qwen3-MoE (every layer routed, as SGLang's Qwen3-MoE builds them), `served_moe`.
 
 A CPU server busy-polls a core while it lives, so the tests of each server run as one block at the end of the
 session and the server stops after the teardown of its last user."""
@@ -16,7 +17,7 @@ import pytest
 SGLANG_STUB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sglang_stub")
 # server fixture -> the fixtures through which a test uses it
 SERVERS = {"sglang_engine": {"sglang_engine", "sglang_student", "sglang_teacher"},
-           "sglang_pair_server": {"sglang_pair_server"}}
+           "sglang_pair_server": {"sglang_pair_server"}, "sglang_moe_engine": {"sglang_moe_engine"}}
 _LAST_USER = pytest.StashKey[dict]()
 _STARTED = pytest.StashKey[dict]()
 
@@ -97,5 +98,22 @@ def sglang_teacher(sglang_engine, distill_setup):
 def sglang_pair_server(qwen_pair, tmp_path_factory, pytestconfig):
     """One real SGLang server on the Qwen2.5-like student's architecture, for trainer runs at rollout.url."""
     engine = _started(pytestconfig, tmp_path_factory, "sglang_pair_server", qwen_pair["student"])
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def served_moe(tmp_path_factory, tiny_tokenizer):
+    """A tiny Qwen3-MoE with no dense layer (mlp_only_layers=[], as Qwen3-30B-A3B)."""
+    from megatron_opd.demo.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("served_moe") / "qwen3_moe"), "qwen3_moe", seed=5,
+                                 tokenizer=tiny_tokenizer, mlp_only_layers=[])
+
+
+@pytest.fixture(scope="session")
+def sglang_moe_engine(served_moe, tmp_path_factory, pytestconfig):
+    """One real SGLang server on `served_moe` (its MoE layers on SGLang's native CPU path)."""
+    engine = _started(pytestconfig, tmp_path_factory, "sglang_moe_engine", served_moe)
     yield engine
     engine.stop()

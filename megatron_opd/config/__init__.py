@@ -9,6 +9,7 @@ from megatron_opd.data.config import DataConfig
 from megatron_opd.data.scorers import NO_REWARD, reward_function
 from megatron_opd.loss.distillation import AGG_MODES
 from megatron_opd.loss.kinds import FULL_KINDS, KL_LOSS_TYPES, SAMPLED_KINDS, TOPK_KINDS, named
+from megatron_opd.models.builder import AUX_LOSS_TYPES
 from megatron_opd.parallel import DEVICE_KINDS, ParallelConfig
 from megatron_opd.config.checks import ConfigError, check, check_url, one_of
 from megatron_opd.config.models import (
@@ -105,6 +106,8 @@ class ActorConfig:
     # A mixture-of-experts student's router load-balancing loss (megatron's switch loss, summed over its MoE
     # layers). null: the student's config.json router_aux_loss_coef (0 for a dense student). The teacher has none.
     moe_aux_loss_coef: Optional[float] = None
+    moe_aux_loss_type: str = "aux_loss"  # aux_loss: over each micro-batch's tokens | seq_aux_loss: each sequence's
+    moe_z_loss_coef: float = 0.0  # the router z-loss (ST-MoE: the squared log-sum-exp of its logits); 0: none
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self):
@@ -126,6 +129,8 @@ class ActorConfig:
         check(self.grad_clip >= 0, "actor.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
         check(self.moe_aux_loss_coef is None or self.moe_aux_loss_coef >= 0, "actor.moe_aux_loss_coef",
               self.moe_aux_loss_coef, "must be null (the student's router_aux_loss_coef) or >= 0")
+        one_of("actor.moe_aux_loss_type", self.moe_aux_loss_type, AUX_LOSS_TYPES)
+        check(self.moe_z_loss_coef >= 0, "actor.moe_z_loss_coef", self.moe_z_loss_coef, "must be >= 0 (0: none)")
         one_of("actor.policy_loss", self.policy_loss, POLICY_LOSSES)
         check(self.loss_max_clamp is None or self.loss_max_clamp > 0, "actor.loss_max_clamp", self.loss_max_clamp,
               "must be null (no clamp) or > 0")
@@ -290,12 +295,15 @@ def teacher_key(cfg: OPDConfig, name: str) -> str:
 
 def teacher_layout(cfg: OPDConfig, teacher: Optional[TeacherConfig] = None) -> Optional[ParallelConfig]:
     """A Megatron teacher's own layout (`teacher`, default teacher.*), or None where it is the student's
-    (co-located: the student's groups, CP included, and micro-batches). Its unset sizes are the student's."""
+    (co-located: the student's groups, CP included, and micro-batches). Its unset tensor and pipeline sizes are
+    the student's; its unset expert size is 1 (whole experts on each rank: a dense teacher has none to spread)."""
     own = (teacher or cfg.teacher).parallel
-    tensor, pipeline = own.tensor or cfg.parallel.tensor, own.pipeline or cfg.parallel.pipeline
-    if (tensor, pipeline) == (cfg.parallel.tensor, cfg.parallel.pipeline):
+    student = cfg.parallel
+    tensor, pipeline = own.tensor or student.tensor, own.pipeline or student.pipeline
+    if (tensor, pipeline) == (student.tensor, student.pipeline) and own.expert in (None, student.expert):
         return None
-    return ParallelConfig(tensor=tensor, pipeline=pipeline)
+    return ParallelConfig(tensor=tensor, pipeline=pipeline, expert=own.expert or 1,
+                          token_dispatcher=student.token_dispatcher)
 
 
 def divergence_temperature(cfg: OPDConfig) -> float:

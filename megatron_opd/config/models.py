@@ -22,13 +22,18 @@ class ModelConfig:
             one_of("model.dtype", self.dtype, MODEL_DTYPES)
 
 
+TEACHER_LAYOUT_KEYS = ("tensor", "pipeline", "expert")
+
+
 @dataclass
 class TeacherParallelConfig:
     tensor: Optional[int] = None  # null: the student's parallel.tensor
     pipeline: Optional[int] = None  # null: the student's parallel.pipeline
+    expert: Optional[int] = None  # a mixture-of-experts teacher's expert parallelism; null: the student's
+                                  # co-located, 1 in a layout of its own
 
     def __post_init__(self):
-        for key in ("tensor", "pipeline"):
+        for key in TEACHER_LAYOUT_KEYS:
             value = getattr(self, key)
             check(value is None or (isinstance(value, int) and value >= 1), f"teacher.parallel.{key}", value,
                   "must be null (the student's) or an integer >= 1")
@@ -51,7 +56,7 @@ class TeacherConfig(ModelConfig):
         check(self.url is None or self.engine == "sglang", "teacher.url", self.url,
               "names a served teacher's SGLang server: set teacher.engine=sglang, or teacher.url=null")
         check_url("teacher.url", self.url)
-        for key in ("tensor", "pipeline"):
+        for key in TEACHER_LAYOUT_KEYS:
             check(self.engine == "megatron" or getattr(self.parallel, key) is None, f"teacher.parallel.{key}",
                   getattr(self.parallel, key), "is the Megatron teacher's layout; a served teacher "
                   "(teacher.engine=sglang) takes its GPUs from teacher.sglang (tensor_parallel, base_gpu_id)")

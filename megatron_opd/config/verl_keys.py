@@ -68,9 +68,14 @@ TRAIN_ALIASES = (
     Alias(f"{ARO}.actor.use_kl_loss", None, {"true": None}, "the KL to the teacher is this run's loss: "
           "actor.kl_loss_coef weighs it"),
     *(Alias(f"{ARO}.actor.megatron.{n}_model_parallel_size", f"parallel.{n}")
-      for n in ("tensor", "pipeline", "context", "virtual_pipeline")),
+      for n in ("tensor", "pipeline", "context", "virtual_pipeline", "expert")),
     *(Alias(f"{ARO}.ref.megatron.{n}_model_parallel_size", f"teacher.parallel.{n}", note="the teacher's own layout")
-      for n in ("tensor", "pipeline")),
+      for n in ("tensor", "pipeline", "expert")),
+    Alias(f"{ARO}.actor.megatron.expert_tensor_parallel_size", "parallel.expert_tensor"),
+    Alias(f"{ARO}.actor.megatron.override_transformer_config.moe_aux_loss_coeff", "actor.moe_aux_loss_coef"),
+    Alias(f"{ARO}.actor.megatron.override_transformer_config.moe_token_dispatcher_type", "parallel.token_dispatcher",
+          {"allgather": "allgather", "alltoall": "alltoall",
+           "flex": Refused("flex needs DeepEP/HybridEP, which this project does not install: use alltoall")}),
     Alias(f"{ARO}.actor.fsdp_config.*", None, REFUSE, "Megatron here, not FSDP: parallel.*"),
     Alias(f"{ARO}.model.enable_gradient_checkpointing", "actor.recompute", {"true": "full", "false": "none"}),
     Alias(f"{ARO}.model.use_remove_padding", None, None, "a speed setting, the same numbers: here each "

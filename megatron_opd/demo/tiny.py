@@ -32,6 +32,17 @@ FAMILY_OVERRIDES = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=64, rope_theta=1000000.0),
+    # DeepSeek-V3 as released, small: multi-latent attention (q and kv latents, 8 rotated of 16 q/k dims per
+    # head), YaRN with distinct mscales (so the cos/sin and softmax factors both matter), a dense first layer,
+    # sigmoid routing over 2 groups of 2 experts (1 group chosen) with a nonzero bias (see `_randomise`),
+    # scaled by 2.5, and a shared expert. No multi-token-prediction layer (transformers' default adds one).
+    "deepseek_v3": dict(num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+                        qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+                        topk_group=1, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                        routed_scaling_factor=2.5, norm_topk_prob=True, num_mtp_layers=0,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32,
+                                             beta_slow=1, mscale=0.8, mscale_all_dim=1.0,
+                                             original_max_position_embeddings=128)),
 }
 TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
@@ -56,15 +67,26 @@ def train_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 300
 
 def tiny_hf_config(family: str, vocab_size: int, **overrides):
     from transformers import (
-        LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
+        DeepseekV3Config, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+        Qwen3MoeConfig)
 
     classes = dict(llama=LlamaConfig, mistral=MistralConfig, qwen2=Qwen2Config, qwen3=Qwen3Config,
-                   qwen3_moe=Qwen3MoeConfig, mixtral=MixtralConfig, qwen2_moe=Qwen2MoeConfig)
+                   qwen3_moe=Qwen3MoeConfig, mixtral=MixtralConfig, qwen2_moe=Qwen2MoeConfig,
+                   deepseek_v3=DeepseekV3Config)
     if family not in classes:
         raise ValueError(f"unknown tiny family {family!r}; choose from {sorted(classes)}")
     kwargs = dict(TINY_SIZES, vocab_size=vocab_size, **FAMILY_OVERRIDES[family])
     kwargs.update(overrides)
     return classes[family](**kwargs)
+
+
+@torch.no_grad()
+def _randomise(model) -> None:
+    """Weights transformers initialises to zero but a trained model has nonzero: DeepSeek-V3's routing bias
+    (`e_score_correction_bias`, of the scale of the sigmoid scores' spread, so it changes the choice)."""
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.normal_(0.0, 0.05)
 
 
 def write_tiny_checkpoint(out_dir: str, family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -79,6 +101,7 @@ def write_tiny_checkpoint(out_dir: str, family: str, seed: int = 0, dtype: torch
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomise(model)
     model.to(dtype)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -27,3 +27,13 @@ def global_named_parameters(chunks) -> Iterator[tuple[str, torch.nn.Parameter]]:
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             yield global_param_name(chunk, name), param
+
+
+def global_named_tensors(chunks) -> Iterator[tuple[str, torch.Tensor]]:
+    """The parameters, then the checkpoint state that is a buffer: routers' expert bias (DeepSeek-V3's
+    routing correction, updated outside the gradient if at all)."""
+    yield from global_named_parameters(chunks)
+    for chunk in chunks:
+        for name, buffer in chunk.named_buffers():
+            if name.endswith(".router.expert_bias"):
+                yield global_param_name(chunk, name), buffer

@@ -23,11 +23,15 @@ def _run(chunks, micro_batches: list[TokenBatch], loss_of: Callable, forward_onl
         groups = dict(pg_collection=pg_collection, p2p_communicator=P2PCommunicator(pg_collection.pp, chunks[0].config))
         pp_size = pg_collection.pp.size()
     outputs = {} if output_processor is None else {"output_processor": output_processor}
+    routed = chunks[0].config.num_moe_experts is not None
 
     def forward_step(data_iterator, model):
         index = next(data_iterator)
         batch = micro_batches[index]
-        output = model(batch.tokens, batch.position_ids, attention_mask=None, **outputs)  # [mb, s/CP, V/TP or H]
+        # A MoE model's routers leave the padding out of their losses and loads (True: a padded position).
+        padding = {"padding_mask": batch.position_ids >= batch.lengths[:, None]} if routed else {}
+        output = model(batch.tokens, batch.position_ids, attention_mask=None, **outputs,
+                       **padding)  # [mb, s/CP, V/TP or H]
         return output, lambda out: loss_of(index, batch, out)
 
     # The schedule wants the whole sequence's length: it divides by CP (and TP under SP) for p2p shapes.

@@ -1,6 +1,7 @@
 """A second layout over the run's ranks (a teacher in a layout of its own, `teacher.parallel`): its groups,
-built with megatron's HyperCommGrid in megatron's own order (tp-cp-dp-pp), as a ParallelDims whose
-`pg_collection` its models and pipeline schedule take instead of megatron's global groups. Without context
+built with megatron's HyperCommGrid in megatron's own order (tp-cp-dp-pp; a mixture-of-experts model's experts
+over a second grid, expert_tensor-ep-expert_dp-pp, whose pipeline stages are the same ranks), as a ParallelDims
+whose `pg_collection` its models and pipeline schedule take instead of megatron's global groups. Without context
 parallelism: such a layout runs whole sequences."""
 import torch.distributed as dist
 
@@ -17,9 +18,15 @@ def _groups(config: ParallelConfig, world_size: int):
     grid = HyperCommGrid([config.tensor, 1, dp, config.pipeline], ["tp", "cp", "dp", "pp"])
     groups = ProcessGroupCollection()
     for name, dims in (("tp", "tp"), ("cp", "cp"), ("dp", "dp"), ("pp", "pp"), ("mp", ["tp", "pp"]),
-                       ("tp_cp", ["tp", "cp"]), ("dp_cp", ["cp", "dp"])):
+                       ("tp_cp", ["tp", "cp"]), ("dp_cp", ["cp", "dp"]), ("tp_dp_cp", ["tp", "cp", "dp"])):
         setattr(groups, name, grid.create_pg(dims))
     groups.intra_dp_cp = groups.dp_cp
+    experts = HyperCommGrid([config.expert_tensor_size, config.expert, world_size // config.pipeline //
+                             (config.expert_tensor_size * config.expert), config.pipeline], ["tp", "ep", "dp", "pp"])
+    for name, dims in (("ep", "ep"), ("expt_tp", "tp"), ("expt_dp", "dp"), ("tp_ep", ["tp", "ep"]),
+                       ("tp_ep_pp", ["tp", "ep", "pp"])):
+        setattr(groups, name, experts.create_pg(dims))
+    groups.expt_dp_gtp_remat = groups.expt_dp
     # A tied output layer on the last stage is a copy of the first stage's embedding: its group joins both.
     embedding = None
     for stages in grid.get_rank_enum("pp"):

@@ -69,9 +69,9 @@ def _window(config, index: int) -> Optional[int]:
 
 def _check_supported(config) -> None:
     """Refuses a model the decode loop does not implement, naming what."""
-    if config.model_type not in FAMILIES:
+    if config.model_type not in FAMILIES:  # deepseek_v3 among them: its multi-latent attention is not written out
         raise ValueError(f"model_type {config.model_type!r}: the embedded engine's decode loop implements "
-                         f"{', '.join(FAMILIES)}")
+                         f"{', '.join(FAMILIES)}; generate with rollout.engine=sglang")
     if config.hidden_act != "silu":
         raise ValueError(f"{config.model_type} with hidden_act={config.hidden_act!r}: the embedded engine's decode "
                          f"loop implements silu MLPs")

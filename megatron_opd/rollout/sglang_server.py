@@ -82,6 +82,18 @@ class ServerStartError(RuntimeError):
 HEALTH_TIMEOUT_S = 5.0
 
 
+def unserved_layers_problem(arch) -> Optional[str]:
+    """Why SGLang would serve another model than `arch` (a ModelArch), or None. Its Qwen3-MoE builds every
+    layer as a MoE layer (it reads neither mlp_only_layers nor decoder_sparse_step), so a checkpoint with dense
+    layers would be served without their MLPs."""
+    if arch.architecture == "Qwen3MoeForCausalLM" and not all(arch.moe.moe_layers):
+        dense = [i for i, routed in enumerate(arch.moe.moe_layers) if not routed]
+        return (f"its layers {dense} are dense (mlp_only_layers / decoder_sparse_step), and SGLang {SGLANG_VERSION}'s "
+                f"Qwen3-MoE builds every layer with experts; generate with the embedded engine (rollout.engine=local) "
+                f"or score with the teacher on the trainer's ranks (teacher.engine=megatron)")
+    return None
+
+
 class ServerAt:
     """A server this run did not start, in the place of an SGLangServer. The engine recovers from a lost
     server by stop() then start(): here that leaves the server alone and waits (up to `startup_timeout_s`)

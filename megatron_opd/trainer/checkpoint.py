@@ -85,8 +85,7 @@ def save(save_dir: str, step: int, ddp_chunks, optimizer, scheduler, extra: dict
     dist.all_gather_object(everyone, _coordinates(dims))
     if dims.rank == 0:
         with open(os.path.join(tmp, LAYOUT), "w") as f:
-            json.dump({"tensor": dims.tp_size, "pipeline": dims.config.pipeline, "context": dims.cp_size,
-                       "data": dims.dp_size, "ranks": everyone}, f)
+            json.dump({**_sizes(dims), "data": dims.dp_size, "ranks": everyone}, f)
     _barrier()
     if dims.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -111,16 +110,26 @@ def find(save_dir: str, resume: str) -> Optional[str]:
         return os.path.join(save_dir, f.read().strip())
 
 
+def _sizes(dims: ParallelDims) -> dict:
+    """The sizes a resume keeps. Expert parallelism too: the optimizer's expert state is sharded over the expert
+    data-parallel ranks, which another expert size regroups."""
+    return {"tensor": dims.tp_size, "pipeline": dims.config.pipeline, "context": dims.cp_size,
+            "expert": dims.config.expert, "expert_tensor": dims.config.expert_tensor_size}
+
+
 def _extras_rank(path: str, dims: ParallelDims) -> int:
     """The saved rank whose extras this rank loads: same pipeline/tensor/context coordinates, same DP rank
     when the checkpoint has it (else DP rank 0: DP ranks hold the same schedule and sampler)."""
     with open(os.path.join(path, LAYOUT)) as f:
         layout = json.load(f)
-    saved = {key: layout[key] for key in ("tensor", "pipeline", "context")}
-    now = {"tensor": dims.tp_size, "pipeline": dims.config.pipeline, "context": dims.cp_size}
+    now = _sizes(dims)
+    # Written before expert parallelism: EP=1, experts cut by the tensor size.
+    saved = {"expert": 1, "expert_tensor": layout["tensor"], **layout}
+    saved = {key: saved[key] for key in now}
     if saved != now:
         raise ResumeError(f"{path}: written with parallel.{saved}, this run has parallel.{now}; a checkpoint "
-                          f"resumes with the same tensor, pipeline and context sizes (the DP size may differ)")
+                          f"resumes with the same tensor, pipeline, context and expert sizes (the DP size may "
+                          f"differ)")
     mine = _coordinates(dims)
     by_coordinates = {tuple(coords): rank for rank, coords in enumerate(layout["ranks"])}
     return by_coordinates.get(tuple(mine), by_coordinates[(*mine[:3], 0)])

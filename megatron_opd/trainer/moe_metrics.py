@@ -1,8 +1,9 @@
 """A mixture-of-experts student's routing over a step's training passes, and its global metrics.
 
-A forward hook on each of the student's routers records, per micro-batch and MoE layer, the tokens each
-expert received (the dispatched routing map) and the router's summed scores per expert (megatron's scores for
-the load-balancing loss: the softmax over all experts); passes without gradients (pi_old's, rollouts, the
+A forward hook on each of the student's routers records, per micro-batch, MoE layer and sequence, the tokens
+each expert received (the dispatched routing map) and the router's summed scores per expert (megatron's scores
+for the load-balancing loss: the softmax over all experts), and the summed squared log-sum-exp of its logits
+(the z-loss's); passes without gradients (pi_old's, rollouts, the
 teacher's) are not training passes and are skipped, and under full recompute only the pass that keeps
 gradients counts. The losses themselves are the ones megatron computed and tracked (`get_moe_metrics_tracker`).
 """
@@ -20,11 +21,21 @@ Z_LOSS = ("z_loss", "moe/z_loss")
 
 @dataclass
 class Routed:
-    """One router's forward on one micro-batch (this rank's tokens)."""
+    """One router's forward on one micro-batch (this rank's tokens, B sequences), padding left out."""
     layer: int  # megatron's global 1-based layer number
-    tokens_per_expert: torch.Tensor  # [E]: tokens dispatched to each expert
-    scores_per_expert: torch.Tensor  # [E]: the router's scores summed over the tokens
-    tokens: int
+    tokens_per_expert: torch.Tensor  # [B, E]: each sequence's tokens dispatched to each expert
+    scores_per_expert: torch.Tensor  # [B, E]: the router's scores summed over each sequence's tokens
+    tokens_per_sequence: torch.Tensor  # [B]
+    logsumexp_sq: torch.Tensor  # the squared log-sum-exp of the router's logits, summed over the tokens
+
+    @property
+    def tokens(self) -> int:
+        return int(self.tokens_per_sequence.sum())
+
+
+def _per_sequence(per_token: torch.Tensor, seq_length: int, sequences: int) -> torch.Tensor:
+    """[S*B, E] -> [B, E], summed over each sequence's tokens."""
+    return per_token.view(seq_length, sequences, -1).sum(dim=0).double()
 
 
 def _tracked(config) -> list:
@@ -59,11 +70,16 @@ class StudentRouting:
         if not (router.training and torch.is_grad_enabled()):
             return
         _, routing_map = output
+        seq_length, sequences = args[0].shape[:2]  # [S, B, H]: megatron's token order is S-major
+        padding = args[1] if len(args) > 1 and args[1] is not None else None  # [S, B], True: padded
         with torch.no_grad():  # the gate again: the router keeps neither its logits nor the full scores
             logits = router.gating(args[0]).view(-1, router.num_experts)
             _, scores = compute_routing_scores_for_aux_loss(logits, router.topk, router.score_function)
-            self.records.append(Routed(router.layer_number, routing_map.sum(dim=0).double(),
-                                       scores.sum(dim=0).double(), routing_map.shape[0]))
+            valid = (torch.ones(seq_length, sequences, dtype=torch.bool, device=logits.device) if padding is None
+                     else ~padding.bool()).reshape(-1, 1)
+            z = (torch.logsumexp(logits.double(), dim=-1).square() * valid[:, 0]).sum()
+            per_sequence = [_per_sequence(t * valid, seq_length, sequences) for t in (routing_map, scores, valid)]
+            self.records.append(Routed(router.layer_number, *per_sequence[:2], per_sequence[2][:, 0], z))
 
     def start(self) -> None:
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
@@ -85,7 +101,7 @@ class StudentRouting:
         load = torch.zeros(layers, experts, dtype=torch.float64, device=dims.device)
         passes = torch.zeros(layers, dtype=torch.float64, device=dims.device)
         for record in self.records:
-            load[record.layer - 1] += record.tokens_per_expert.to(dims.device)
+            load[record.layer - 1] += record.tokens_per_expert.sum(dim=0).to(dims.device)
             passes[record.layer - 1] += 1
         tracker = get_moe_metrics_tracker().metrics
         tracked = _tracked(self.config)

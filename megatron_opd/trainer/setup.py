@@ -13,12 +13,13 @@ from megatron_opd.config import (
 from megatron_opd.data.prompt_dataset import PromptDataset
 from megatron_opd.data.sampler import PromptSampler
 from megatron_opd.data.scorers import mean_score
-from megatron_opd.models import load_arch, padded_vocab_size
+from megatron_opd.models import RouterLoss, load_arch, padded_vocab_size
 from megatron_opd.models.batch import response_loss_mask
 from megatron_opd.parallel import DeviceError, ParallelConfig, current_device, initialize_model_parallel
 from megatron_opd.rollout.factory import make_engine
 from megatron_opd.rollout.engine import SamplingParams
 from megatron_opd.rollout.hf_dir import HFDirWriter
+from megatron_opd.rollout.sglang_server import unserved_layers_problem
 from megatron_opd.teacher import RoutedTeachers, make_teacher
 from megatron_opd.trainer import checkpoint
 from megatron_opd.trainer.metrics import Metrics
@@ -42,11 +43,12 @@ def _check_teacher(cfg: OPDConfig, teacher, key: str, world_size: int, tokenizer
     shared = min(arch.vocab_size, shared_vocab_size(tokenizer, load_tokenizer(teacher.path, f"{key}.path"),
                                                     cfg.student.path, teacher.path, key))
     if teacher.engine != "megatron":
+        _check_served(arch, f"{key}.engine={teacher.engine}", teacher.path)
         return shared, None
     layout = teacher_layout(cfg, teacher)
-    if layout is not None and arch.moe:
-        raise ConfigError(f"{key}.path={teacher.path}: a mixture-of-experts teacher runs co-located for now (its "
-                          f"own layout builds no expert groups); leave {key}.parallel unset")
+    if layout is not None and layout.expert > 1 and not arch.moe:
+        raise ConfigError(f"{key}.parallel.expert={layout.expert}: {teacher.path} is a dense model (no experts); "
+                          f"leave {key}.parallel.expert unset")
     _check_layout(layout or cfg.parallel, world_size, f"{key}.path", teacher.path, arch)
     teacher_dp = layout.data_parallel_size(world_size) if layout is not None else None
     if teacher_dp and (sequences % teacher_dp or (sequences // teacher_dp) % micro):
@@ -55,6 +57,12 @@ def _check_teacher(cfg: OPDConfig, teacher, key: str, world_size: int, tokenizer
                           f"the step's {sequences} sequences, which must be a whole multiple of "
                           f"actor.micro_batch_size={cfg.actor.micro_batch_size}")
     return shared, arch if layout is None else None
+
+
+def _check_served(arch, key: str, path: str) -> None:
+    problem = unserved_layers_problem(arch)
+    if problem:
+        raise ConfigError(f"{key}: {path} cannot be served by SGLang: {problem}")
 
 
 def check_routing(cfg: OPDConfig, dataset) -> None:
@@ -72,6 +80,11 @@ def check_layout_and_vocab(cfg: OPDConfig, world_size: int):
     arch, its tokenizer and the vocabulary size the divergences run over."""
     student = load_arch(cfg.student.path)
     _check_layout(cfg.parallel, world_size, "student.path", cfg.student.path, student)
+    if cfg.rollout.engine == "sglang":
+        _check_served(student, "rollout.engine=sglang", cfg.student.path)
+    if cfg.rollout.engine == "local" and student.mla is not None:
+        raise ConfigError(f"rollout.engine=local: {cfg.student.path} has multi-latent attention ({student.architecture}), "
+                          f"which the embedded engine's decode loop does not implement; set rollout.engine=sglang")
     tokenizer = load_tokenizer(cfg.student.path, "student.path")
     vocab_size = min(len(tokenizer), student.vocab_size)
     sequences = cfg.data.train_batch_size * cfg.rollout.n
@@ -140,7 +153,8 @@ class Run:
             self.routing = TeacherRouting(run_teachers(cfg))
         self.dims = initialize_model_parallel(cfg.parallel, seed=cfg.trainer.seed)
         _, self.student = load_pretrained(cfg.student.path, cfg.parallel, self.student_dtype, cfg.actor.recompute,
-                                          moe_aux_loss_coeff=cfg.actor.moe_aux_loss_coef)
+                                          router_loss=RouterLoss(cfg.actor.moe_aux_loss_coef, cfg.actor.moe_aux_loss_type,
+                                                                 cfg.actor.moe_z_loss_coef))
         self.teacher = self._make_teachers(teacher_dtypes) if cfg.trainer.mode == "distill" else None
         if cfg.actor.max_tokens_per_micro_batch:  # micro-batches of varying shapes cross pipeline stages
             self.student[0].config.variable_seq_lengths = True

@@ -1,5 +1,5 @@
 """bench/gpu_smoke.py through its command line: the CPU check (tiny shapes) passes the KL-0 check and writes
-the figures a GPU run brings back; asked for a GPU it cannot use, it refuses with exit 2 and says why."""
+the figures a GPU run brings back, the mixture-of-experts student's included; asked for a GPU it cannot use, it refuses with exit 2 and says why."""
 import json
 import os
 import subprocess
@@ -35,6 +35,10 @@ def test_cpu_check_passes_and_reports_the_figures(tmp_path):
         assert step["perf/tokens_per_s"] > 0 and step["perf/generated_tokens_per_s"] > 0
     assert report["opd"]["steady"]["perf/tokens_per_s"] > 0
     assert report["opd"]["peak_gpu_mem_gib"] is None and report["device"] == "cpu"
+    moe = report["moe"]["steps"]  # the mixture-of-experts student's run, its routing reported
+    assert [s["step"] for s in moe] == [1, 2, 3] and report["params"]["moe_student"] > 0
+    assert all(s["moe/expert_load_max_over_mean"] >= 1 and s["moe/aux_loss"] > 0 and s["actor/kl_loss"] > 0
+               for s in moe)
 
 
 def test_refuses_when_the_gpu_is_unusable():

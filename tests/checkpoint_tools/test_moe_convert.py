@@ -70,7 +70,9 @@ def _export(rank, world_size, hf_dir, parallel):
 
 @pytest.mark.parametrize("family, layout", [
     ("qwen3_moe", ParallelConfig(expert=2)), ("qwen2_moe", ParallelConfig(tensor=2)),
-    ("mixtral", ParallelConfig(tensor=2, expert=2, expert_tensor=1))], ids=["ep2", "tp2", "tp2-ep2-etp1"])
+    ("mixtral", ParallelConfig(tensor=2, expert=2, expert_tensor=1)),
+    ("deepseek_v3", ParallelConfig(tensor=2, expert=2, expert_tensor=1))],
+    ids=["ep2", "tp2", "tp2-ep2-etp1", "deepseek-tp2-ep2-etp1"])
 def test_export_gathers_every_expert_from_any_layout(family, layout, tiny_moe_models):
     hf_dir = tiny_moe_models[family]
     original = hf_tensors(hf_dir)
@@ -85,12 +87,12 @@ def test_experts_that_do_not_divide_by_expert_parallelism_are_refused(tiny_moe_m
 
 
 def test_unsupported_moe_architecture_lists_the_supported_families(tiny_moe_models, tmp_path):
-    hf_dir = str(tmp_path / "deepseek")
+    hf_dir = str(tmp_path / "dbrx")
     shutil.copytree(tiny_moe_models["qwen3_moe"], hf_dir)
     config_path = os.path.join(hf_dir, "config.json")
     config = json.load(open(config_path))
-    json.dump(dict(config, architectures=["DeepseekV3ForCausalLM"]), open(config_path, "w"))
-    with pytest.raises(UnsupportedArchitectureError, match=r"'DeepseekV3ForCausalLM' is not supported; supported: "
-                       r".*Qwen3MoeForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM"):
+    json.dump(dict(config, architectures=["DbrxForCausalLM"]), open(config_path, "w"))
+    with pytest.raises(UnsupportedArchitectureError, match=r"'DbrxForCausalLM' is not supported; supported: "
+                       r".*Qwen3MoeForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, DeepseekV3ForCausalLM"):
         convert(hf_to_mcore, hf_dir, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")

@@ -100,6 +100,18 @@ def test_several_verl_teachers_with_keys_are_the_teachers_map():
         "math": ("/m", ["gsm8k"], False), "code": ("/c", ["mbpp", "humaneval"], True)}
 
 
+def test_verl_moe_keys_are_the_expert_layout_and_the_aux_loss():
+    megatron, override = "actor_rollout_ref.actor.megatron", "actor_rollout_ref.actor.megatron.override_transformer_config"
+    verl = [*BASE, "teacher.path=/t", f"{megatron}.expert_model_parallel_size=2",
+            f"{megatron}.expert_tensor_parallel_size=1", "actor_rollout_ref.ref.megatron.expert_model_parallel_size=2",
+            f"+{override}.moe_aux_loss_coeff=0.01", f"+{override}.moe_token_dispatcher_type=alltoall"]
+    ours = [*BASE, "teacher.path=/t", "parallel.expert=2", "parallel.expert_tensor=1", "teacher.parallel.expert=2",
+            "actor.moe_aux_loss_coef=0.01", "parallel.token_dispatcher=alltoall"]
+    cfg = translated("distillation_megatron_trainer", verl)
+    assert cfg == config("distillation_trainer", ours)
+    assert (cfg.parallel.expert, cfg.teacher.parallel.expert, cfg.actor.moe_aux_loss_coef) == (2, 2, 0.01)
+
+
 def test_resume_and_run_names():
     assert translate(["trainer.resume_mode=resume_path", "trainer.resume_from_path=/r/step_000002"],
                      TRAIN_ALIASES)[0] == ["trainer.resume=/r/step_000002"]
@@ -158,6 +170,8 @@ REFUSALS = [
     (["distillation.teacher_key=ability"], TRAIN_ALIASES, "distillation.teacher_key=ability: must be data_source"),
     (["algorithm.use_kl_in_reward=True"], TRAIN_ALIASES, "algorithm.use_kl_in_reward=True: must be false"),
     (["~actor_rollout_ref.model.path"], TRAIN_ALIASES, "actor_rollout_ref.model.path: a verl key is translated"),
+    (["+actor_rollout_ref.actor.megatron.override_transformer_config.moe_token_dispatcher_type=flex"], TRAIN_ALIASES,
+     "actor_rollout_ref.actor.megatron.override_transformer_config.moe_token_dispatcher_type=flex: flex needs DeepEP"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Mixture-of-experts models (Qwen3-MoE, Mixtral, Qwen2-MoE) read from their HF config and loaded from their
+"""Mixture-of-experts models (Qwen3-MoE, Mixtral, Qwen2-MoE, DeepSeek-V3) read from their HF config and loaded from their
 HF weights give transformers' logits in every layout: one process, expert parallelism (EP=2, with either
 token dispatcher), TP=2 (experts split over expert-TP 2, or whole at expert-TP 1 with EP=2) and PP=2."""
 import pytest
@@ -22,7 +22,7 @@ TWO_PROCESS_LAYOUTS = {
 
 
 def test_moe_facts_from_config(tiny_moe_models):
-    qwen3, mixtral, qwen2 = (load_arch(tiny_moe_models[f]).moe for f in MOE_FAMILIES)
+    qwen3, mixtral, qwen2 = (load_arch(tiny_moe_models[f]).moe for f in ("qwen3_moe", "mixtral", "qwen2_moe"))
     assert (qwen3.num_experts, qwen3.top_k, qwen3.ffn_hidden_size, qwen3.norm_topk_prob) == (4, 2, 32, True)
     assert qwen3.moe_layers == (False, True, True, True) and qwen3.shared_expert_size is None
     assert mixtral.norm_topk_prob and mixtral.moe_layers == (True,) * 4 and mixtral.ffn_hidden_size == 128

@@ -45,8 +45,8 @@ def _worker(rank, world_size, model_dir, parallel, sequences, change_seed):
 
 def megatron_run(model_dir, sequences, parallel=ParallelConfig(), change_seed=None):
     """(log-probs of each sequence, HF tensors after the change or {}) from megatron in `parallel`."""
-    results = [r for r in run_distributed(_worker, parallel.tensor * parallel.pipeline, model_dir, parallel,
-                                          sequences, change_seed) if r is not None]
+    results = [r for r in run_distributed(_worker, parallel.min_world_size, model_dir, parallel, sequences,
+                                          change_seed) if r is not None]
     logprobs = next(r["logprobs"] for r in results if r["logprobs"] is not None)
     tensors = {}
     for r in results:

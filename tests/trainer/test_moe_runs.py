@@ -1,14 +1,21 @@
 """Mixture-of-experts models in the trainer: a Qwen3-MoE student (its rollouts from the embedded engine's MoE
 block, its expert weights pushed by HF name every step, gathered over the expert-parallel ranks) with a dense
 teacher, at EP=2 on 2 processes, equals one process step by step (rel 1e-5) with either token dispatcher, and a
-stop and resume at EP=2 continues bit for bit; a dense student with a co-located Mixtral teacher at TP=2 (its
-experts cut by expert-TP) equals TP=1. Refused at start-up, naming the key: expert parallelism where no model
-has experts, and a MoE teacher in a layout of its own."""
+stop and resume at EP=2 continues bit for bit; a dense student with a co-located Mixtral or DeepSeek-V3 teacher
+at TP=2 (its experts cut by expert-TP) equals TP=1, and with the teacher in a layout of its own at EP=2 (its tokens sent to
+the other rank's experts) beside a DP=2 student equals the co-located teacher; and through the CLI (launch/local.sh,
+verl's expert keys) a co-located Qwen3-MoE teacher at EP=2 equals one process. Refused at start-up, naming the
+key: expert parallelism where no model has experts, for the run or for a dense teacher; a Qwen3-MoE with dense
+layers on SGLang (which builds every layer with experts), a DeepSeek-V3 student on the embedded engine."""
+import os
+import subprocess
+
 import pytest
 
 from megatron_opd.config import ConfigError
 from megatron_opd.trainer.setup import check_layout_and_vocab
-from tests.runs import REL, assert_checkpoint, learning, run_config, train
+from tests.launch.helpers import REPO, python_env, tiny_overrides
+from tests.runs import REL, assert_checkpoint, learning, metrics, run_config, train
 
 RUN = ("trainer.total_steps=3", "trainer.export_hf=false")
 
@@ -46,18 +53,47 @@ def test_stop_and_resume_at_ep2_continues_exactly(moe_student, tmp_path):
     assert learning(tmp_path / "stopped") == learning(tmp_path / "whole")
 
 
-def test_a_moe_teacher_at_tp2_equals_tp1(distill_setup, tiny_moe_models, tmp_path):
-    setup = dict(distill_setup, teacher=tiny_moe_models["mixtral"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_a_moe_teacher_at_tp2_equals_tp1(distill_setup, tiny_moe_models, tmp_path, family):
+    setup = dict(distill_setup, teacher=tiny_moe_models[family])
     one = train(setup, tmp_path / "one", *RUN, "actor.kl_loss_type=reverse")
     two = train(setup, tmp_path / "two", *RUN, "actor.kl_loss_type=reverse", "parallel.tensor=2", world_size=2)
     _same(one, two, "actor/kl_loss", "actor/grad_norm")
 
 
-@pytest.mark.parametrize("models, override, says", [
-    ((), "parallel.expert=2", r"parallel.expert=2: no model in the student's layout has experts"),
-    (("mixtral",), "teacher.parallel.tensor=2", r"teacher.path=.*: a mixture-of-experts teacher runs co-located"),
+def test_a_moe_teacher_at_ep2_through_the_cli_equals_one_process(distill_setup, tiny_moe_models, tmp_path):
+    """launch/local.sh (torchrun, 2 processes), the expert layout given in verl's keys as a verl user would."""
+    setup = dict(distill_setup, teacher=tiny_moe_models["qwen3_moe"])
+    one = train(setup, tmp_path / "one", *RUN)
+    megatron = "actor_rollout_ref.actor.megatron"
+    command = ["bash", str(REPO / "launch" / "local.sh"), *tiny_overrides(
+        setup, *RUN, f"{megatron}.expert_model_parallel_size=2",
+        f"+{megatron}.override_transformer_config.moe_token_dispatcher_type=alltoall",
+        save_dir=tmp_path / "two", tensor_parallel=False)]
+    done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OPD_PROCS_PER_NODE": "2", **python_env()},
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    _same(one, metrics(tmp_path / "two").values(), "actor/kl_loss", "actor/grad_norm", "response_length/mean")
+
+
+def test_a_moe_teacher_in_its_own_layout_at_ep2_equals_the_colocated_one(distill_setup, tiny_moe_models, tmp_path):
+    setup = dict(distill_setup, teacher=tiny_moe_models["qwen3_moe"])
+    colocated = train(setup, tmp_path / "colocated", *RUN, world_size=2)
+    own = train(setup, tmp_path / "own", *RUN, "teacher.parallel.expert=2", "parallel.token_dispatcher=alltoall",
+                world_size=2)
+    _same(colocated, own, "actor/kl_loss", "actor/grad_norm")
+
+
+@pytest.mark.parametrize("models, overrides, says", [
+    ({}, ("parallel.expert=2",), r"parallel.expert=2: no model in the student's layout has experts"),
+    ({}, ("teacher.parallel.expert=2",), r"teacher.parallel.expert=2: .* is a dense model"),
+    ({"student": "qwen3_moe"}, ("rollout.engine=sglang",),
+     r"rollout.engine=sglang: .*qwen3_moe cannot be served by SGLang: its layers \[0\] are dense"),
+    ({"teacher": "qwen3_moe"}, ("teacher.engine=sglang", "actor.kl_temperature=1.0"),
+     r"teacher.engine=sglang: .* its layers \[0\] are dense"),
+    ({"student": "deepseek_v3"}, (), r"rollout.engine=local: .* has multi-latent attention"),
 ])
-def test_what_the_trainer_does_not_run_is_refused(distill_setup, tiny_moe_models, tmp_path, models, override, says):
-    setup = dict(distill_setup, **{"teacher": tiny_moe_models[m] for m in models})
+def test_what_the_trainer_does_not_run_is_refused(distill_setup, tiny_moe_models, tmp_path, models, overrides, says):
+    setup = dict(distill_setup, **{role: tiny_moe_models[family] for role, family in models.items()})
     with pytest.raises(ConfigError, match=says):
-        check_layout_and_vocab(run_config(setup, tmp_path, override), world_size=2)
+        check_layout_and_vocab(run_config(setup, tmp_path, *overrides), world_size=2)
