@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import tempfile
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
@@ -225,8 +226,11 @@ class SGLangEngine(RolloutEngine):
         elif cfg.weight_sync == "distributed":
             if self._distributed is None:
                 weight_sync.DistributedSync.check_placement(self.device, cfg.base_gpu_id, cfg.tensor_parallel)
-                self._distributed = weight_sync.DistributedSync(url, cfg.tensor_parallel, cfg.request_timeout_s,
-                                                                f"opd_weight_sync_{self.restarts}", self.device)
+                # torch keeps every group name of the process: a name of this engine's own (several engines, or
+                # restarts, in one process).
+                name = f"opd_weight_sync_{uuid.uuid4().hex[:12]}"
+                self._distributed = weight_sync.DistributedSync(url, cfg.tensor_parallel, cfg.request_timeout_s, name,
+                                                                self.device)
             self._distributed.sync(named_tensors, tag, cfg.bucket_bytes)
         else:
             self._sync_dir = self._sync_dir or tempfile.mkdtemp(prefix="opd_weight_sync_")
