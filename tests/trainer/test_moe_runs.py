@@ -2,9 +2,9 @@
 block, its expert weights pushed by HF name every step, gathered over the expert-parallel ranks) with a dense
 teacher, at EP=2 on 2 processes, equals one process step by step (rel 1e-5) with the allgather dispatcher in
 process and the alltoall one through the CLI (launch/local.sh, verl's expert keys), and a stop and resume at EP=2
-continues bit for bit. A dense student with a MoE teacher: co-located at EP=2 through the CLI equals one process;
-a Mixtral or DeepSeek-V3 teacher at TP=2 (its experts cut by expert-TP) equals TP=1; in a layout of its own at
-EP=2 (its tokens sent to the other rank's experts) beside a DP=2 student it equals the co-located teacher.
+continues bit for bit. A dense student with a MoE teacher: co-located at EP=2 it equals one process; a Mixtral or
+DeepSeek-V3 teacher at TP=2 (its experts cut by expert-TP) equals TP=1; in a layout of its own at EP=2 (its
+tokens sent to the other rank's experts, alltoall) beside a DP=2 student it equals the co-located teacher.
 Refused at start-up, naming the key: expert parallelism where no model has experts, for the run or for a dense
 teacher; a Qwen3-MoE with dense layers on SGLang (which builds every layer with experts); a DeepSeek-V3 student
 on the embedded engine."""
@@ -79,11 +79,10 @@ def test_a_moe_teacher_at_tp2_equals_tp1(distill_setup, tiny_moe_models, tmp_pat
     _same(one, two, "actor/kl_loss", "actor/grad_norm")
 
 
-def test_a_moe_teacher_at_ep2_through_the_cli_equals_one_process(distill_setup, tiny_moe_models, tmp_path):
+def test_a_colocated_moe_teacher_at_ep2_equals_one_process(distill_setup, tiny_moe_models, tmp_path):
     setup = dict(distill_setup, teacher=tiny_moe_models["qwen3_moe"])
     one = train(setup, tmp_path / "one", *RUN)
-    two = _through_the_cli(setup, tmp_path / "two", f"{MEGATRON}.expert_model_parallel_size=2",
-                           f"+{MEGATRON}.override_transformer_config.moe_token_dispatcher_type=alltoall")
+    two = train(setup, tmp_path / "two", *RUN, "parallel.expert=2", world_size=2)
     _same(one, two, "actor/kl_loss", "actor/grad_norm", "response_length/mean")
 
 
