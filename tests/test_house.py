@@ -16,7 +16,7 @@ NEVER = {  # room -> rooms it must not import
     "data": {"trainer", "teacher", "rollout", "models", "loss"},
     "checkpoint_tools": {"trainer", "rollout", "teacher"},
     "models": {"trainer", "teacher", "rollout"},
-    "rollout": {"trainer", "teacher"},
+    "rollout": {"trainer", "teacher", "demo"},
     "config": {"trainer", "teacher"},
 }
 

@@ -53,11 +53,11 @@ def oracle_moves(rng: random.Random, start, goal) -> list[str]:
     return moves
 
 
-def _step(position, move):
+def next_position(position, move):
     return position[0] + MOVES[move][0], position[1] + MOVES[move][1]
 
 
-def _on_board(position) -> bool:
+def on_board(position) -> bool:
     return 0 <= position[0] < GRID and 0 <= position[1] < GRID
 
 
@@ -67,15 +67,15 @@ def perturbed_walk(rng: random.Random, start, goal, detour_rate: float = 0.2) ->
     walk, position, detours = [], start, 0
     while position != goal:
         if detours < SLACK // 2 and rng.random() < detour_rate:
-            away = [m for m in ("D", "L") if _on_board(_step(position, m))]
+            away = [m for m in ("D", "L") if on_board(next_position(position, m))]
             if away:
                 move = rng.choice(away)
                 walk.append((move, True))
-                position, detours = _step(position, move), detours + 1
+                position, detours = next_position(position, move), detours + 1
                 continue
         move = oracle_moves(rng, position, goal)[0]
         walk.append((move, False))
-        position = _step(position, move)
+        position = next_position(position, move)
     return walk
 
 
@@ -83,7 +83,7 @@ def walk_text(start, goal, moves: list[str]) -> tuple[str, list[tuple[int, int]]
     """The response for `moves`: each move and the remaining (dx, dy) after it; and each move's character span."""
     text, spans, position = "", [], start
     for move in moves:
-        position = _step(position, move)
+        position = next_position(position, move)
         text += " " if text else ""
         spans.append((len(text), len(text) + 1))
         text += f"{move}{goal[0] - position[0]}{goal[1] - position[1]}"
@@ -102,8 +102,8 @@ def walk_outcome(start, goal, text: str) -> dict:
     distance = goal[0] - start[0] + goal[1] - start[1]
     position, reached = start, None
     for count, move in enumerate(moves or [], 1):
-        position = _step(position, move)
-        if not _on_board(position):
+        position = next_position(position, move)
+        if not on_board(position):
             break
         if position == goal:
             reached = count
@@ -122,7 +122,7 @@ def walk_slips(start, goal, text: str) -> dict:
             slips["wrong_note"] = True
             break
         before = abs(goal[0] - position[0]) + abs(goal[1] - position[1])
-        position = _step(position, match.group(1))
+        position = next_position(position, match.group(1))
         slips["wrong_move"] |= abs(goal[0] - position[0]) + abs(goal[1] - position[1]) >= before
         slips["wrong_note"] |= word != f"{match.group(1)}{goal[0] - position[0]}{goal[1] - position[1]}"
         if position == goal:
