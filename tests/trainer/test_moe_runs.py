@@ -1,25 +1,21 @@
-"""Mixture-of-experts models in the trainer: a Qwen3-MoE student (its rollouts from the embedded engine's MoE
-block, its expert weights pushed by HF name every step, gathered over the expert-parallel ranks) with a dense
-teacher, at EP=2 on 2 processes, equals one process step by step (rel 1e-5) with the allgather dispatcher in
-process and the alltoall one through the CLI (launch/local.sh, verl's expert keys), and a stop and resume at EP=2
-continues bit for bit. A dense student with a MoE teacher: co-located at EP=2 it equals one process; a Mixtral or
-DeepSeek-V3 teacher at TP=2 (its experts cut by expert-TP) equals TP=1; in a layout of its own at EP=2 (its
-tokens sent to the other rank's experts, alltoall) beside a DP=2 student it equals the co-located teacher.
-Refused at start-up, naming the key: expert parallelism where no model has experts, for the run or for a dense
-teacher; a Qwen3-MoE with dense layers on SGLang (which builds every layer with experts); a DeepSeek-V3 student
-on the embedded engine."""
-import os
-import subprocess
-
+"""Mixture-of-experts models in the trainer, on in-process workers composed as opd-train composes its config
+(tests/runs.py; the launchers are covered by tests/launch and tests/test_seed_example.py, verl's expert keys by
+tests/config/test_verl_keys.py). A Qwen3-MoE student (its rollouts from the embedded engine's MoE block, its
+expert weights pushed by HF name every step, gathered over the expert-parallel ranks) with a dense teacher, at
+EP=2 on 2 processes, equals one process step by step (rel 1e-5) with either token dispatcher, and a stop and
+resume at EP=2 continues bit for bit. A dense student with a MoE teacher: co-located at EP=2 it equals one
+process; a Mixtral or DeepSeek-V3 teacher at TP=2 (its experts cut by expert-TP) equals TP=1; in a layout of its
+own at EP=2 (its tokens sent to the other rank's experts, alltoall) beside a DP=2 student it equals the
+co-located teacher. Refused at start-up, naming the key: expert parallelism where no model has experts, for the
+run or for a dense teacher; a Qwen3-MoE with dense layers on SGLang (which builds every layer with experts); a
+DeepSeek-V3 student on the embedded engine."""
 import pytest
 
 from megatron_opd.config import ConfigError
 from megatron_opd.trainer.setup import check_layout_and_vocab
-from tests.launch.helpers import REPO, python_env, tiny_overrides
-from tests.runs import REL, assert_checkpoint, learning, metrics, run_config, train
+from tests.runs import REL, assert_checkpoint, learning, run_config, train
 
 RUN = ("trainer.total_steps=3", "trainer.export_hf=false")
-MEGATRON = "actor_rollout_ref.actor.megatron"
 
 
 def _same(one, other, *names):
@@ -38,28 +34,12 @@ def one_process(moe_student, tmp_path_factory):
     return train(moe_student, tmp_path_factory.mktemp("one"), *RUN)
 
 
-def _through_the_cli(setup, save_dir, *overrides) -> list:
-    """launch/local.sh (torchrun, 2 processes), the expert layout in verl's keys as a verl user gives it; the
-    run's metrics per step."""
-    command = ["bash", str(REPO / "launch" / "local.sh"),
-               *tiny_overrides(setup, *RUN, *overrides, save_dir=save_dir, tensor_parallel=False)]
-    done = subprocess.run(command, cwd=save_dir.parent, env={**os.environ, "OPD_PROCS_PER_NODE": "2", **python_env()},
-                          capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
-    return list(metrics(save_dir).values())
-
-
-def test_a_moe_student_at_ep2_equals_one_process(moe_student, one_process, tmp_path):
-    two = train(moe_student, tmp_path, *RUN, "parallel.expert=2", "parallel.token_dispatcher=allgather",
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+def test_a_moe_student_at_ep2_equals_one_process(moe_student, one_process, tmp_path, dispatcher):
+    two = train(moe_student, tmp_path, *RUN, "parallel.expert=2", f"parallel.token_dispatcher={dispatcher}",
                 world_size=2)
     _same(one_process, two, "actor/kl_loss", "actor/grad_norm", "response_length/mean")
     assert all(step["actor/kl_loss"] > 0 for step in one_process)
-
-
-def test_a_moe_student_at_ep2_through_the_cli_equals_one_process(moe_student, one_process, tmp_path):
-    two = _through_the_cli(moe_student, tmp_path / "two", f"{MEGATRON}.expert_model_parallel_size=2",
-                           f"+{MEGATRON}.override_transformer_config.moe_token_dispatcher_type=alltoall")
-    _same(one_process, two, "actor/kl_loss", "actor/grad_norm", "response_length/mean")
 
 
 def test_stop_and_resume_at_ep2_continues_exactly(moe_student, tmp_path):
