@@ -3,9 +3,8 @@
 A forward hook on each of the student's routers records, per micro-batch, MoE layer and sequence, the tokens
 each expert received (the dispatched routing map) and the router's summed scores per expert (megatron's scores
 for the load-balancing loss: the softmax over all experts), and the summed squared log-sum-exp of its logits
-(the z-loss's); passes without gradients (pi_old's, rollouts, the
-teacher's) are not training passes and are skipped, and under full recompute only the pass that keeps
-gradients counts. The losses themselves are the ones megatron computed and tracked (`get_moe_metrics_tracker`).
+(the z-loss's), padding left out; passes without gradients (pi_old's, rollouts, the teacher's) are not training
+passes and are skipped, and under full recompute only the pass that keeps gradients counts. The losses themselves are the ones megatron computed and tracked (`get_moe_metrics_tracker`).
 """
 import weakref
 from dataclasses import dataclass
