@@ -3,7 +3,10 @@ column (jsonl or parquet, by the output's extension), and the accuracy printed (
 data_source's scorer: GSM8K-style, or walk success).
 
 The output is valid training data as it stands: `trainer.mode=sft data.response_key=response` trains on
-it (the off-policy distillation baseline: SFT on teacher samples).
+it (the off-policy distillation baseline: SFT on teacher samples). With rollout.env each row is a
+conversation with the environment (rollout/conversation.py): its first messages as the prompt, the rest as
+the response, the environment's parts in extra_info.env_spans (data.response_skip_key=extra_info.env_spans
+trains without them), scored by the environment.
 
 Run: python -m megatron_opd.generate model.path=DIR data.val_files=test.parquet [output=out.jsonl]
          [rollout.engine=sglang [rollout.url=http://HOST:PORT]] [do_sample=true rollout.temperature=0.6 rollout.n=4]
@@ -64,6 +67,7 @@ def generate(cfg: GenerateConfig) -> float:
     from megatron_opd.data.prompt_dataset import PromptDataset
     from megatron_opd.models.builder import resolve_dtype
     from megatron_opd.parallel import resolve_device
+    from megatron_opd.rollout.conversation import MultiTurn
     from megatron_opd.rollout.factory import make_engine
     from megatron_opd.rollout.engine import SamplingParams
     from megatron_opd.trainer.setup import model_dtype
@@ -80,27 +84,51 @@ def generate(cfg: GenerateConfig) -> float:
                               seed=cfg.seed)
     engine = make_engine(r.engine, cfg.model.path, r.sglang, dtype=resolve_dtype(model_dtype(cfg.model, "model")),
                          device=resolve_device(cfg.device), url=r.url)
+    multi_turn = MultiTurn.of(r, tokenizer)
     engine.start()
     try:
         started = time.perf_counter()
-        samples = engine.generate([item["input_ids"] for item in items], sampling)
+        samples = (multi_turn.roll_out(engine, items, sampling) if multi_turn is not None
+                   else engine.generate([item["input_ids"] for item in items], sampling))
         seconds = time.perf_counter() - started
     finally:
         engine.stop()
-    texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-    rows = []
-    for k, (sample, text) in enumerate(zip(samples, texts)):
-        item = items[k // r.n]
-        rows.append({"data_source": item["data_source"], "prompt": item["raw_prompt"], "ability": "math",
-                     "reward_model": {"style": "rule", "ground_truth": item["ground_truth"]},
-                     "extra_info": {"index": item["index"], "sample": k % r.n}, "response": text,
-                     "score": score_response(item["data_source"], text, item["ground_truth"], cfg.score_method)})
+    rows = _conversation_rows(samples, items, tokenizer, r.n) if multi_turn is not None else []
+    if multi_turn is None:
+        texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        for k, (sample, text) in enumerate(zip(samples, texts)):
+            item = items[k // r.n]
+            rows.append({**_row(item, k % r.n), "prompt": item["raw_prompt"], "response": text,
+                         "score": score_response(item["data_source"], text, item["ground_truth"], cfg.score_method)})
     _write(rows, cfg.output)
     accuracy = sum(row["score"] for row in rows) / len(rows)
     tokens = sum(len(s.response_ids) for s in samples)
     print(f"{len(items)} prompts x {r.n}: accuracy {accuracy:.4f} ({cfg.score_method}); {tokens} tokens in "
           f"{seconds:.1f}s ({tokens / seconds:.0f} tok/s, {r.engine} engine); wrote {cfg.output}")
     return accuracy
+
+
+def _row(item: dict, sample: int) -> dict:
+    return {"data_source": item["data_source"], "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": item["ground_truth"]},
+            "extra_info": {"index": item["index"], "sample": sample}}
+
+
+def _conversation_rows(conversations, items: list[dict], tokenizer, n: int) -> list[dict]:
+    """rollout.env: each conversation's first messages as the prompt, the rest as the response with the
+    environment's character spans in extra_info.env_spans (data.response_skip_key=extra_info.env_spans trains
+    on the assistant's turns only), scored by its environment."""
+    from megatron_opd.rollout.conversation import as_text
+
+    rows = []
+    for k, conversation in enumerate(conversations):
+        item = items[k // n]
+        text, spans = as_text(conversation, tokenizer)
+        row = _row(item, k % n)
+        row["extra_info"].update(env_spans=spans, turns=conversation.turns, ending=conversation.ending)
+        rows.append({**row, "prompt": conversation.messages or item["raw_prompt"], "response": text,
+                     "score": conversation.reward})
+    return rows
 
 
 def _write(rows: list[dict], path: str) -> None:

@@ -29,10 +29,11 @@ def startup_errors() -> tuple:
     from megatron_opd.data.schema import DataError
     from megatron_opd.models import UnsupportedArchitectureError
     from megatron_opd.parallel import DeviceError, ParallelConfigError
+    from megatron_opd.rollout.chat_turns import ChatTurnsError
     from megatron_opd.rollout.sglang_server import SGLangConfigError, ServerStartError
     from megatron_opd.trainer.checkpoint import ResumeError
 
-    return (CheckpointFileError, ConfigError, DataConfigError, DataError, DeviceError, FileNotFoundError,
+    return (ChatTurnsError, CheckpointFileError, ConfigError, DataConfigError, DataError, DeviceError, FileNotFoundError,
             ParallelConfigError, ResumeError, SGLangConfigError, ServerStartError, UnsupportedArchitectureError,
             WeightMismatchError)
 

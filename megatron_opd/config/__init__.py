@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron_opd.data.config import DataConfig
-from megatron_opd.data.scorers import NO_REWARD, reward_function
+from megatron_opd.data.scorers import ENV_REWARD, NO_REWARD, reward_function
 from megatron_opd.loss.distillation import AGG_MODES
 from megatron_opd.loss.kinds import FULL_KINDS, KL_LOSS_TYPES, SAMPLED_KINDS, TOPK_KINDS, named
 from megatron_opd.models.builder import AUX_LOSS_TYPES
@@ -15,6 +15,7 @@ from megatron_opd.config.checks import ConfigError, check, check_url, one_of
 from megatron_opd.config.models import (
     MODEL_DTYPES, SINGLE_TEACHER, TEACHER_ENGINES, ModelConfig, TeacherConfig, TeacherParallelConfig, TeacherRouting,
     parse_teachers)
+from megatron_opd.rollout.envs.factory import EnvConfigError, make_env_factory
 from megatron_opd.rollout.sglang_server import SGLangConfig
 
 LR_DECAY = ("constant", "linear", "cosine")
@@ -32,7 +33,17 @@ class RolloutConfig:
     temperature: float = 0.6
     top_p: float = 1.0
     top_k: int = -1
+    # The response's tokens; with rollout.env, the whole conversation's after its prompt (the environment's
+    # included), each turn sampling at most what is left.
     response_length: int = 256
+    # Multi-turn rollouts: an environment answers between the student's turns (rollout/conversation.py).
+    # walk | tools | module:Class (rollout/envs/factory.py); null: one response per prompt.
+    env: Optional[str] = None
+    max_turns: int = 8  # assistant turns of a conversation (rollout.env)
+    # A turn's tokens (rollout.env): a turn cut there is closed with its end token (no loss) and answered;
+    # null: what is left of response_length, and a turn cut there ends the conversation.
+    max_turn_tokens: Optional[int] = None
+    env_timeout_s: float = 30.0  # an environment call that takes longer fails its conversation
     sglang: SGLangConfig = field(default_factory=SGLangConfig)  # engine=sglang: the server rank 0 starts
     # engine=sglang: a server already running (null: rank 0 starts one). This run pushes the student's weights
     # to it and never starts or stops it: it must serve the student's architecture, for this run alone.
@@ -47,6 +58,15 @@ class RolloutConfig:
         check(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0 (on-policy sampling)")
         check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
         check(self.response_length >= 1, "rollout.response_length", self.response_length, "must be >= 1")
+        check(self.max_turns >= 1, "rollout.max_turns", self.max_turns, "must be >= 1")
+        check(self.max_turn_tokens is None or self.max_turn_tokens >= 1, "rollout.max_turn_tokens",
+              self.max_turn_tokens, "must be null or >= 1")
+        check(self.env_timeout_s > 0, "rollout.env_timeout_s", self.env_timeout_s, "must be > 0")
+        if self.env is not None:
+            try:
+                make_env_factory(self.env)
+            except EnvConfigError as err:
+                raise ConfigError(str(err)) from None
 
 
 @dataclass
@@ -153,12 +173,12 @@ class ActorConfig:
 @dataclass
 class RewardConfig:
     # none | gsm8k (the answer after "####") | data_source (each row's scorer) | module:function
-    # (fn(data_source, solution_str, ground_truth) -> float), see data/scorers.py
+    # (fn(data_source, solution_str, ground_truth) -> float), see data/scorers.py | env (rollout.env's reward)
     fn: str = NO_REWARD
     coef: float = 1.0  # actor.policy_loss=pg: the advantage gains coef x (reward - the mean of its prompt's samples)
 
     def __post_init__(self):
-        if self.fn != NO_REWARD:
+        if self.fn not in (NO_REWARD, ENV_REWARD):
             try:
                 reward_function(self.fn)
             except ValueError as err:
@@ -246,6 +266,7 @@ class OPDConfig:
         check(self.trainer.test_freq == 0 or self.data.val_files is not None, "trainer.test_freq",
                self.trainer.test_freq, "needs data.val_files")
         self._check_policy_gradient()
+        self._check_environment()
 
     def _check_served(self, teacher: TeacherConfig, key: str) -> None:
         """A served teacher sends neither the whole distribution nor log-probs at another temperature than 1."""
@@ -260,6 +281,16 @@ class OPDConfig:
               f"temperature {temperature:g} (null: rollout.temperature), but a served teacher ({key}.engine=sglang) "
               f"scores at 1: SGLang applies no temperature to the log-probs of given tokens. Set "
               f"actor.kl_temperature=1.0 (the student then enters at 1 too), or use {key}.engine=megatron")
+
+    def _check_environment(self):
+        env = self.rollout.env
+        check(env is None or self.trainer.mode == "distill", "rollout.env", env, "rolls out conversations for "
+              "trainer.mode=distill; SFT trains on given responses: set rollout.env=null")
+        check(self.reward.fn != ENV_REWARD or env is not None, "reward.fn", self.reward.fn, "is the environment's "
+              "reward: set rollout.env")
+        check(env is None or self.reward.fn in (NO_REWARD, ENV_REWARD), "reward.fn", self.reward.fn,
+              f"must be {NO_REWARD} or {ENV_REWARD} with rollout.env={env}: a conversation's reward is its "
+              f"environment's")
 
     def _check_policy_gradient(self):
         actor, pg = self.actor, self.actor.policy_loss == "pg"

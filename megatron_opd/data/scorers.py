@@ -42,6 +42,7 @@ def mean_score(data_sources: Sequence[str], responses: Sequence[str], ground_tru
 REWARD_FNS = {"gsm8k": lambda data_source, response, ground_truth: gsm8k_score(response, ground_truth),
               "data_source": score_response}
 NO_REWARD = "none"
+ENV_REWARD = "env"  # reward.fn: the multi-turn environment's own reward (rollout.env)
 
 
 def reward_function(name: str) -> Callable[[str, str, str], float]:

@@ -46,6 +46,7 @@ class Sample:
     logprobs: list[float]  # one per response token
     finish_reason: str  # "stop" | "length" | "abort"
     weight_version: int
+    cached_tokens: int = 0  # prompt tokens the engine found in its prefix cache (SGLang's meta_info)
 
 
 @dataclass

@@ -175,7 +175,8 @@ class SGLangEngine(RolloutEngine):
         if response != answer["output_ids"]:
             raise RolloutError("SGLang's output_ids and output_token_logprobs disagree")
         return Sample(prompt_ids=list(prompt), response_ids=response, logprobs=[lp for lp, _, _ in token_logprobs],
-                      finish_reason=meta["finish_reason"]["type"], weight_version=self.weight_version)
+                      finish_reason=meta["finish_reason"]["type"], weight_version=self.weight_version,
+                      cached_tokens=int(meta.get("cached_tokens", 0)))
 
     def score(self, sequences: list[list[int]], top_k: int = 0) -> list[ScoredSequence]:
         self.wake_up()

@@ -1,6 +1,7 @@
-"""A step's sequences: the student's own samples from the engine (global rank 0, broadcast), or the given
-responses of the prompts it does not answer (actor.lmbda < 1, SFT mode); with the engine's log-prob of each
-sampled token (actor.policy_loss=pg) and, when `reward.fn` is set, each sample's task reward."""
+"""A step's sequences: the student's own samples from the engine (global rank 0, broadcast), one response
+each or, with rollout.env, a conversation whose environment tokens carry no loss; or the given responses of
+the prompts it does not answer (actor.lmbda < 1, SFT mode). With the engine's log-prob of each sampled token
+(actor.policy_loss=pg) and, when `reward.fn` is set or an environment answers, each sample's task reward."""
 import itertools
 import json
 import os
@@ -15,6 +16,7 @@ from megatron_opd.atomic import write_text
 from megatron_opd.data.scorers import NO_REWARD, reward_function
 from megatron_opd.loss.policy_gradient import group_advantages
 from megatron_opd.models.batch import TokenBatch, build_batch
+from megatron_opd.rollout.conversation import conversation_metrics
 from megatron_opd.rollout.engine import RolloutError
 
 
@@ -68,29 +70,43 @@ def given_responses(items: list[dict]) -> StepSamples:
 
 
 def _generate(run, cfg, step: int, items: list[dict], own: set[int]):
-    """Rank 0: (pairs, engine log-probs, rewards) or the RolloutError every rank raises."""
+    """Rank 0: (pairs, engine log-probs, loss masks, rewards, rollout metrics) or the RolloutError every rank
+    raises. With rollout.env the student's sequences are conversations (rollout/conversation.py)."""
     n = cfg.rollout.n
-    answered = [items[i]["input_ids"] for i in sorted(own)]
-    generated = iter(run.engine.generate(answered, run.sampling(step)) if answered else ())
-    pairs, logprobs = [], []
+    answered = [items[i] for i in sorted(own)]
+    metrics, conversations = {}, None
+    if run.multi_turn is not None:
+        conversations = run.multi_turn.roll_out(run.engine, answered, run.sampling(step)) if answered else []
+        metrics = conversation_metrics(conversations) if conversations else {}
+        generated = iter(conversations)
+    else:
+        generated = iter(run.engine.generate([item["input_ids"] for item in answered], run.sampling(step))
+                         if answered else ())
+    pairs, logprobs, masks, env_rewards = [], [], [], []
     for i, item in enumerate(items):
         if i in own:
             samples = list(itertools.islice(generated, n))
             pairs += [(s.prompt_ids, s.response_ids) for s in samples]
             # only the policy-gradient form reads them: the direct form does not broadcast them
             logprobs += [s.logprobs if cfg.actor.policy_loss == "pg" else None for s in samples]
+            masks += [s.loss_mask if conversations is not None else None for s in samples]
+            env_rewards += [s.reward if conversations is not None else 0.0 for s in samples]
         else:
             pairs += [(item["input_ids"], item["response_ids"])] * n
             logprobs += [None] * n
+            masks += [item.get("response_loss_mask")] * n
+            env_rewards += [0.0] * n
     beyond = [t for _, response in pairs for t in response if t >= run.vocab_size]
     if beyond:
         return RolloutError(f"the engine sampled token id {beyond[0]}, past the {run.vocab_size} ids the tokenizers "
                             f"share (a vocabulary padding row, no token)")
     rewards = None
-    if cfg.reward.fn != NO_REWARD:
+    if conversations is not None:
+        rewards = env_rewards
+    elif cfg.reward.fn != NO_REWARD:
         texts = run.tokenizer.batch_decode([r for _, r in pairs], skip_special_tokens=True)
         rewards = rewards_of(cfg.reward.fn, items, texts, n)
-    return pairs, logprobs, rewards
+    return pairs, logprobs, masks, rewards, metrics
 
 
 def step_samples(run, cfg, step: int, items: list[dict]) -> StepSamples:
@@ -101,16 +117,16 @@ def step_samples(run, cfg, step: int, items: list[dict]) -> StepSamples:
     generated = broadcast(_generate(run, cfg, step, items, own) if run.dims.rank == 0 else None)
     if isinstance(generated, RolloutError):
         raise generated
-    pairs, logprobs, rewards = generated
+    pairs, logprobs, masks, rewards, rollout_metrics = generated
     n = cfg.rollout.n
-    metrics = length_metrics(r for _, r in pairs)
+    metrics = {**length_metrics(r for _, r in pairs), **rollout_metrics}
     if cfg.actor.lmbda < 1:
         metrics["rollout/on_policy_fraction"] = len(own) / len(items)
     advantages = None
     if rewards is not None:
         metrics["reward/mean"] = sum(rewards) / len(rewards)
+    if cfg.reward.fn != NO_REWARD:
         advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64, device=run.dims.device), n).tolist()
-    masks = [None if i in own else item.get("response_loss_mask") for i, item in enumerate(items) for _ in range(n)]
     teachers = None if run.routing is None else [run.routing.index_of(item["data_source"]) for item in items
                                                  for _ in range(n)]
     return StepSamples(pairs, [i in own for i in range(len(items)) for _ in range(n)], masks, logprobs, rewards,

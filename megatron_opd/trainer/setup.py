@@ -16,6 +16,7 @@ from megatron_opd.data.scorers import mean_score
 from megatron_opd.models import RouterLoss, load_arch, padded_vocab_size
 from megatron_opd.models.batch import response_loss_mask
 from megatron_opd.parallel import DeviceError, ParallelConfig, current_device, initialize_model_parallel
+from megatron_opd.rollout.conversation import MultiTurn
 from megatron_opd.rollout.factory import make_engine
 from megatron_opd.rollout.engine import SamplingParams
 from megatron_opd.rollout.hf_dir import HFDirWriter
@@ -140,6 +141,7 @@ class Run:
         teacher_dtypes = ({name: model_dtype(t, teacher_key(cfg, name)) for name, t in run_teachers(cfg).items()
                            if t.engine == "megatron"} if cfg.trainer.mode == "distill" else {})
         check_device(cfg.trainer.device)
+        self.multi_turn = MultiTurn.of(cfg.rollout, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.dataset = PromptDataset.from_config(cfg.data, self.tokenizer, "train")
@@ -240,12 +242,16 @@ class Run:
         return items
 
     def validate(self) -> float:
-        """Greedy answers to every validation prompt, each scored by its data_source's scorer."""
+        """Greedy answers to every validation prompt, each scored by its data_source's scorer; with rollout.env,
+        greedy conversations, each scored by its environment."""
         items = [self.val_dataset[i] for i in range(len(self.val_dataset))]
         max_new = self.cfg.trainer.val_max_new_tokens or self.cfg.rollout.response_length
-        samples = self.engine.generate([it["input_ids"] for it in items], SamplingParams(
-            max_new_tokens=max_new, temperature=0.0, stop_token_ids=(self.tokenizer.eos_token_id,),
-            vocab_size=self.vocab_size))
+        greedy = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_token_ids=(self.tokenizer.eos_token_id,),
+                                vocab_size=self.vocab_size)
+        if self.multi_turn is not None:
+            conversations = self.multi_turn.roll_out(self.engine, items, greedy)
+            return sum(c.reward for c in conversations) / len(conversations)
+        samples = self.engine.generate([it["input_ids"] for it in items], greedy)
         texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
         return mean_score([it["data_source"] for it in items], texts, [it["ground_truth"] for it in items])
 

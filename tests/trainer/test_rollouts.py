@@ -1,6 +1,15 @@
-"""Which prompts the student answers, and the rewards of its samples with their group baselines."""
+"""Which prompts the student answers, the rewards of its samples with their group baselines, and a step's
+conversations (rollout.env) beside given responses."""
+from types import SimpleNamespace
+
+from megatron_opd.data.scorers import ENV_REWARD
 from megatron_opd.demo.walk import WALK_DATA_SOURCE, walk_rows
-from megatron_opd.trainer.rollouts import on_policy_prompts, rewards_of
+from megatron_opd.rollout.chat_turns import ChatTurns
+from megatron_opd.rollout.conversation import ConversationLimits, MultiTurn
+from megatron_opd.rollout.engine import SamplingParams
+from megatron_opd.trainer.rollouts import StepSamples, _generate, on_policy_prompts, rewards_of
+from tests.rollout.envs.countdown import TURNS, CountdownEnvironment
+from tests.rollout.stand_in import StandInEngine
 
 
 def test_on_policy_prompts_are_lmbda_of_the_batch_drawn_per_step():
@@ -22,3 +31,30 @@ def test_data_source_rewards_use_each_rows_scorer():
     answer = row["extra_info"]["answer"]
     items = [walk, {"data_source": "openai/gsm8k", "ground_truth": "3"}]
     assert rewards_of("data_source", items, [answer, "", "#### 3", "#### 4"], 2) == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_a_steps_conversations_train_on_the_assistants_tokens_beside_given_responses(tiny_tokenizer):
+    """rollout.env with actor.lmbda < 1 on rank 0: the student's conversations keep their loss masks, engine
+    log-probs (pg) and environment rewards; a given response keeps its own mask; the batch trains on them."""
+    end = tiny_tokenizer.eos_token_id
+    turn = tiny_tokenizer.encode("ab") + [end]
+    cfg = SimpleNamespace(rollout=SimpleNamespace(n=1), actor=SimpleNamespace(policy_loss="pg"),
+                          reward=SimpleNamespace(fn=ENV_REWARD))
+    run = SimpleNamespace(multi_turn=MultiTurn(ChatTurns(tiny_tokenizer), CountdownEnvironment,
+                                               ConversationLimits(max_turns=4, max_tokens=200)),
+                          engine=StandInEngine([turn] * TURNS, end), sampling=lambda step: SamplingParams(seed=step),
+                          vocab_size=len(tiny_tokenizer), tokenizer=tiny_tokenizer)
+    items = [{"input_ids": [1, 5], "raw_prompt": [{"role": "user", "content": "q"}], "ground_truth": None,
+              "data_source": "x", "index": k, "response_ids": [7, 8, 9], "response_loss_mask": [1.0, 0.0, 1.0]}
+             for k in range(2)]
+    pairs, logprobs, masks, rewards, metrics = _generate(run, cfg, 0, items, {0})
+    observation = run.multi_turn.chat.observation_ids([{"role": "user", "content": f"{TURNS - 1} left"}])
+    assert pairs[0][1] == turn + observation + turn and pairs[1] == ([1, 5], [7, 8, 9])
+    own_mask = [1.0] * len(turn) + [0.0] * len(observation) + [1.0] * len(turn)
+    assert masks == [own_mask, [1.0, 0.0, 1.0]]
+    assert logprobs[0] == [-0.5 * m for m in own_mask] and logprobs[1] is None
+    assert rewards == [(TURNS * len("ab") % 5) / 4, 0.0] and metrics["rollout/turns_mean"] == TURNS
+    samples = StepSamples(pairs, [True, False], masks, logprobs, rewards, None, metrics)
+    batch = samples.batch(0, "cpu", 1)
+    prompt = len(pairs[0][0])
+    assert batch.loss_mask[0, prompt - 1:prompt - 1 + len(own_mask)].tolist() == own_mask
