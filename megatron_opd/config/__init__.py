@@ -265,8 +265,8 @@ class OPDConfig:
                f"dataset's, e.g. extra_info.answer)")
         check(self.trainer.test_freq == 0 or self.data.val_files is not None, "trainer.test_freq",
                self.trainer.test_freq, "needs data.val_files")
-        self._check_policy_gradient()
         self._check_environment()
+        self._check_policy_gradient()
 
     def _check_served(self, teacher: TeacherConfig, key: str) -> None:
         """A served teacher sends neither the whole distribution nor log-probs at another temperature than 1."""

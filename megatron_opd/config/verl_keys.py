@@ -86,6 +86,11 @@ TRAIN_ALIASES = (
     Alias(f"{ARO}.rollout.gpu_memory_utilization", "rollout.sglang.mem_fraction_static"),
     *(Alias(f"{ARO}.{n}.log_prob_micro_batch_size_per_gpu", None, None, "log-probs are taken in the training "
             "micro-batches here (actor.micro_batch_size)") for n in ("rollout", "ref")),
+    Alias(f"{ARO}.rollout.multi_turn.enable", None, {"false": None}, "a multi-turn run names its environment: "
+          "rollout.env=tools (Qwen/Hermes tool calls) | walk | module:Class"),
+    Alias(f"{ARO}.rollout.multi_turn.max_assistant_turns", "rollout.max_turns"),
+    Alias(f"{ARO}.rollout.multi_turn.*", None, REFUSE, "an environment (rollout.env) holds the tools and the "
+          "interaction; rollout.max_turns, max_turn_tokens and response_length bound a conversation"),
     Alias(f"{ARO}.*", None, REFUSE, "docs/verl_keys.md lists the actor/rollout/ref keys translated"),
     Alias("data.max_response_length", "rollout.response_length"),
     *_same("data.train_batch_size", "data.max_prompt_length", "data.truncation", "data.train_files",

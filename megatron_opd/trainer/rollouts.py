@@ -135,14 +135,16 @@ def step_samples(run, cfg, step: int, items: list[dict]) -> StepSamples:
 
 def dump_rollouts(directory: str, step: int, samples: StepSamples, tokenizer) -> None:
     """trainer.rollout_data_dir: the sequences step `step` trains on, one JSON line each, in <directory>/<step>.jsonl
-    (the prompt's and response's ids and text, whether the student sampled it, its reward and advantage)."""
+    (the prompt's and response's ids and text, its loss mask over the response (null: every token; 0 on a
+    conversation's environment tokens), whether the student sampled it, its reward and advantage)."""
     prompts = tokenizer.batch_decode([p for p, _ in samples.pairs], skip_special_tokens=False)
     responses = tokenizer.batch_decode([r for _, r in samples.pairs], skip_special_tokens=False)
     lines = []
     for k, ((prompt_ids, response_ids), prompt, response) in enumerate(zip(samples.pairs, prompts, responses)):
         lines.append(json.dumps({
             "step": step, "sequence": k, "prompt_ids": list(prompt_ids), "response_ids": list(response_ids),
-            "prompt": prompt, "response": response, "on_policy": samples.on_policy[k],
+            "prompt": prompt, "response": response, "loss_mask": samples.loss_masks[k],
+            "on_policy": samples.on_policy[k],
             "reward": samples.rewards[k] if samples.rewards is not None else None,
             "reward_advantage": samples.reward_advantages[k] if samples.reward_advantages is not None else None}))
     os.makedirs(directory, exist_ok=True)

@@ -112,6 +112,14 @@ def test_verl_moe_keys_are_the_expert_layout_and_the_aux_loss():
     assert (cfg.parallel.expert, cfg.teacher.parallel.expert, cfg.actor.moe_aux_loss_coef) == (2, 2, 0.01)
 
 
+def test_verl_multi_turn_keys_are_the_turn_limit():
+    assert translate(["actor_rollout_ref.rollout.multi_turn.max_assistant_turns=5",
+                      "actor_rollout_ref.rollout.multi_turn.enable=false"], TRAIN_ALIASES) == (
+        ["rollout.max_turns=5"], ["actor_rollout_ref.rollout.multi_turn.enable=false: accepted, sets nothing: a "
+                                  "multi-turn run names its environment: rollout.env=tools (Qwen/Hermes tool calls) "
+                                  "| walk | module:Class"])
+
+
 def test_resume_and_run_names():
     assert translate(["trainer.resume_mode=resume_path", "trainer.resume_from_path=/r/step_000002"],
                      TRAIN_ALIASES)[0] == ["trainer.resume=/r/step_000002"]
@@ -172,6 +180,12 @@ REFUSALS = [
     (["~actor_rollout_ref.model.path"], TRAIN_ALIASES, "actor_rollout_ref.model.path: a verl key is translated"),
     (["+actor_rollout_ref.actor.megatron.override_transformer_config.moe_token_dispatcher_type=flex"], TRAIN_ALIASES,
      "actor_rollout_ref.actor.megatron.override_transformer_config.moe_token_dispatcher_type=flex: flex needs DeepEP"),
+    (["actor_rollout_ref.rollout.multi_turn.enable=true"], TRAIN_ALIASES,
+     "actor_rollout_ref.rollout.multi_turn.enable=true: must be false (a multi-turn run names its environment: "
+     "rollout.env=tools"),
+    (["actor_rollout_ref.rollout.multi_turn.tool_config_path=tools.yaml"], TRAIN_ALIASES,
+     "actor_rollout_ref.rollout.multi_turn.tool_config_path: a verl key this project does not have; an "
+     "environment (rollout.env) holds the tools"),
 ]
 
 

@@ -31,10 +31,25 @@ def test_valid_overrides_build_a_config(distill_setup, tmp_path):
     assert cfg.data.train_files == [distill_setup["train"]] and cfg.rollout.n == 2
 
 
+def test_environment_settings_that_cannot_run_are_refused(distill_setup, tmp_path):
+    env = "rollout.env=walk"
+    for extra, message in {("trainer.mode=sft", "data.response_key=extra_info.answer"):
+                           r"rollout.env='walk': rolls out conversations for trainer.mode=distill",
+                           ("actor.policy_loss=pg", "reward.fn=gsm8k"):
+                           r"reward.fn='gsm8k': must be none or env with rollout.env=walk"}.items():
+        with pytest.raises(ConfigError, match=message):
+            to_config(composed(*distill_overrides(distill_setup, tmp_path, env, *extra)))
+
+
 @pytest.mark.parametrize("override, message", [
     ("actor.kl_loss_type=foo", r"actor.kl_loss_type='foo': must be one of kl\|abs\|mse\|low_var_kl"),
     ("actor.ppo_mini_batch_size=3", r"actor.ppo_mini_batch_size=3: must divide data.train_batch_size=4"),
     ("rollout.temperature=0", r"rollout.temperature=0.0: must be > 0"),
+    ("rollout.env=chess", r"rollout.env='chess': must be walk \| tools \(built in\) or module:Class"),
+    ("rollout.env=os:getcwd", r"rollout.env='os:getcwd': <built-in function getcwd> is not an Environment subclass"),
+    ("rollout.max_turns=0", r"rollout.max_turns=0: must be >= 1"),
+    ("rollout.max_turn_tokens=0", r"rollout.max_turn_tokens=0: must be null or >= 1"),
+    ("reward.fn=env", r"reward.fn='env': is the environment's reward: set rollout.env"),
     ("data.truncation=middle", r"data.truncation='middle': must be one of error\|left\|right"),
     ("parallel.tensor=0", r"parallel.tensor=0: must be an integer >= 1"),
     ("trainer.mode=sft", r"data.response_key=None: is required with trainer.mode=sft"),

@@ -4,6 +4,8 @@ continues as the uninterrupted one, the served teacher gives the Megatron teache
 conversations, and the policy-gradient form, given conversations (actor.lmbda) and token-budget
 micro-batches train on them. The environment counts turns down whatever the tiny student writes
 (tests/rollout/envs/countdown.py), so every conversation has environment tokens."""
+import json
+
 import pytest
 
 from megatron_opd.config import ModelConfig, RolloutConfig
@@ -26,16 +28,19 @@ def run(setup, save_dir, *extra, processes=1):
 @pytest.fixture(scope="module")
 def one_process(distill_setup, tmp_path_factory):
     save = tmp_path_factory.mktemp("multiturn_one_process")
-    history = run(distill_setup, save)
+    history = run(distill_setup, save, f"trainer.rollout_data_dir={save / 'rollouts'}")
     return save, history
 
 
 def test_conversations_have_turns_and_environment_tokens(one_process):
-    _, history = one_process
+    save, history = one_process
     for step in history:
         assert step["rollout/turns_mean"] > 1
         assert 0 < step["rollout/env_tokens_share"] < 1
         assert step["rollout/env_errors"] == 0
+    dumped = [json.loads(line) for line in open(save / "rollouts" / "1.jsonl")]
+    masked = sum(len(d["loss_mask"]) - sum(d["loss_mask"]) for d in dumped)
+    assert masked / sum(len(d["response_ids"]) for d in dumped) == history[0]["rollout/env_tokens_share"]
 
 
 @pytest.mark.parametrize("processes, layout", [(2, ()), (2, ("parallel.context=2",)),
