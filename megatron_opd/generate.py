@@ -10,6 +10,7 @@ trains without them), scored by the environment.
 
 Run: python -m megatron_opd.generate model.path=DIR data.val_files=test.parquet [output=out.jsonl]
          [rollout.engine=sglang [rollout.url=http://HOST:PORT]] [do_sample=true rollout.temperature=0.6 rollout.n=4]
+         [rollout.env=walk|tools|module:Class rollout.max_turns=8]
 (with rollout.url the server there answers as it is: it should serve model.path's weights)
 """
 import json

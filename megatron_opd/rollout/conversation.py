@@ -6,8 +6,9 @@ context the teacher scores.
 
 A conversation ends when the environment says done (its reward is the conversation's), after
 rollout.max_turns assistant turns, when its tokens after the prompt reach the limit (rollout.response_length;
-a turn cut there is the last; a turn cut at rollout.max_turn_tokens is closed and answered), or when the
-environment fails (guard.py): then the message names the row, the conversation keeps what it has, and the step goes on."""
+a turn cut there is the last; a turn cut at rollout.max_turn_tokens is closed and answered), when the engine
+stops on another stop token than the template's turn end (no turn can follow it), or when the environment
+fails (guard.py): then a message names the row, the conversation keeps what it has and the step goes on."""
 import dataclasses
 import sys
 from dataclasses import dataclass, field
@@ -19,9 +20,6 @@ from megatron_opd.rollout.envs.base import Environment
 from megatron_opd.rollout.envs.factory import make_env_factory
 from megatron_opd.rollout.envs.guard import EnvFailure, env_start, env_turn
 
-ENDINGS = ("done", "max_turns", "length", "env_error")  # "length" and "max_turns" count as truncated
-
-
 @dataclass
 class Conversation:
     prompt_ids: list[int]  # the first messages and the generation prompt
@@ -32,7 +30,7 @@ class Conversation:
     segments: list[tuple[bool, int]] = field(default_factory=list)  # (assistant's?, token count) in order
     turns: int = 0
     reward: float = 0.0
-    ending: str = ""
+    ending: str = ""  # done | max_turns | length (these two: truncated) | stopped | env_error
     error: Optional[str] = None
     sent_tokens: int = 0  # the ids sent to the engine, over the turns
     cached_tokens: int = 0  # of those, the ones the engine found in its prefix cache
@@ -107,6 +105,9 @@ def _take_turn(conversation: Conversation, sample, left: int, chat: ChatTurns, e
     # A turn cut at max_turn_tokens is closed by the template's stop token (not sampled: no loss) and answered;
     # one cut at the conversation's limit ends it.
     closing = [] if ids and ids[-1] == chat.stop_id else [chat.stop_id]
+    if closing and sample.finish_reason == "stop" and len(ids) == len(sample.response_ids):
+        conversation.ending = "stopped"
+        return
     if closing and not (len(ids) == limits.max_turn_tokens and len(ids) < left):
         conversation.ending = "length"
         return

@@ -103,11 +103,11 @@ def test_a_failing_environment_ends_its_own_conversation_naming_the_row(tiny_tok
     assert conversation_metrics(conversations)["rollout/env_errors"] == 2.0
 
 
-def countdown(tokenizer, limits, script, n=1):
+def countdown(tokenizer, limits, script, n=1, stop_ids=()):
     engine = StandInEngine(script, tokenizer.eos_token_id)
     row = {"prompt": [{"role": "user", "content": "count"}], "reward_model": {"ground_truth": None}}
     return engine, roll_out(engine, ChatTurns(tokenizer), CountdownEnvironment, [row], [0], [[1]],
-                            SamplingParams(n=n, seed=5), limits)
+                            SamplingParams(n=n, seed=5, stop_token_ids=stop_ids), limits)
 
 
 def test_each_ending(tiny_tokenizer):
@@ -131,6 +131,11 @@ def test_each_ending(tiny_tokenizer):
     engine, [closed] = countdown(tiny_tokenizer, limits, [long] * TURNS)
     assert closed.response_ids[:2 + 1 + len(observation)] == long[:2] + [end] + observation
     assert closed.loss_mask[:3] == [1.0, 1.0, 0.0] and closed.ending == "done"
+    # Another stop token than the turn's end (e.g. <|endoftext|>): no turn can follow it.
+    other = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    _, [stopped] = countdown(tiny_tokenizer, LIMITS, [turn[:-1] + [other]] * TURNS, stop_ids=(other,))
+    assert (stopped.turns, stopped.ending, stopped.truncated, stopped.response_ids) == (1, "stopped", False,
+                                                                                      turn[:-1] + [other])
 
 
 def test_metrics_and_turn_seeds(tiny_tokenizer):
