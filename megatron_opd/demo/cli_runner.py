@@ -3,7 +3,8 @@ import os
 import subprocess
 import sys
 import threading
-import time
+
+from megatron_opd.demo.progress import track_training
 
 _threads = threading.local()
 
@@ -14,12 +15,13 @@ def share_cores(lanes: int) -> None:
 
 
 def cli(module: str, *overrides: str) -> str:
-    started = time.perf_counter()
     env = dict(os.environ)
     if hasattr(_threads, "count"):  # set by share_cores
         env["OMP_NUM_THREADS"] = str(_threads.count)
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)  # the last of a key wins, as in hydra
+    if "trainer.save_dir" in given and "trainer.total_steps" in given:  # a training run: its steps are shown
+        track_training(given["trainer.save_dir"], int(given["trainer.total_steps"]))
     done = subprocess.run([sys.executable, "-m", module, *overrides], capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"{module} failed:\n{done.stderr[-4000:]}")
-    print(f"    {module.split('.')[-1]} done in {time.perf_counter() - started:.0f}s", flush=True)
     return done.stdout
