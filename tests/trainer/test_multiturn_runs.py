@@ -13,7 +13,7 @@ from megatron_opd.data.config import DataConfig
 from megatron_opd.generate import GenerateConfig, generate
 from tests.conftest import fixed_data
 from tests.runs import assert_same_curve, curve, kl_curve, train
-from tests.sglang_servers import SGLANG_STUB
+from tests.sglang_servers import SGLANG_STUB, rollout_at
 
 STEPS = 3
 COUNTDOWN = "tests.rollout.envs.countdown:CountdownEnvironment"
@@ -92,3 +92,12 @@ def test_the_served_teacher_equals_the_megatron_teacher_on_conversations(sglang_
     served = run(distill_setup, tmp_path / "sglang", *common, *SERVED, f"teacher.url={sglang_teacher.server.url}")
     assert all(h["rollout/env_tokens_share"] > 0 for h in served)
     assert kl_curve(served) == pytest.approx(kl_curve(co_located), rel=1e-5)
+
+
+def test_a_run_rolls_out_conversations_on_the_sglang_server(sglang_engine, distill_setup, tmp_path):
+    """The suite's server (the student's architecture) at rollout.url: the run pushes the student's weights, and
+    each later turn finds the conversation's earlier ones in the server's prefix cache."""
+    history = run(distill_setup, tmp_path, *rollout_at(sglang_engine), "trainer.total_steps=2")
+    for step in history:
+        assert step["rollout/turns_mean"] > 1 and step["rollout/env_tokens_share"] > 0
+        assert step["rollout/prefix_cached_share"] > 0.3
