@@ -5,14 +5,14 @@ import json
 import os
 import statistics
 
-from megatron_opd.demo.settings import ARMS, BATCH, PAIRS, RECOVERY_REQUIRED, SAMPLES
+from megatron_opd.demo.settings import ARMS, BATCH, PAIRS, RECOVERY_REQUIRED, SAMPLES, TASKS
 from megatron_opd.demo.verdict import paired_interval, verdict
 
 WALK_METRICS = ("success", "shortest", "recovery")
 
 
 def metrics_of(task: str) -> tuple:
-    return WALK_METRICS if task == "walk" else ("success",)
+    return WALK_METRICS if TASKS[task].walk else ("success",)
 
 
 def load_eval(path: str) -> dict:
@@ -62,10 +62,10 @@ def _verdicts(task: str, arms: dict) -> dict:
 
 def task_summary(exp, task: str, seconds: dict) -> dict:
     arms = {arm: _arm(exp, task, arm, seconds) for arm in ARMS}
-    summary = {"teacher": load_eval(exp.eval_path(task, None, "teacher")),
+    summary = {"steps": exp.preset.steps_of(task), "teacher": load_eval(exp.eval_path(task, None, "teacher")),
                "students": {s: load_eval(exp.eval_path(task, s, "student")) for s in range(exp.preset.seeds)},
                "arms": arms, "verdicts": _verdicts(task, arms)}
-    if task == "walk":
+    if TASKS[task].walk:
         recovery = summary["teacher"]["recovery"]
         summary["teacher_recovers"] = {"recovery": recovery, "required": RECOVERY_REQUIRED,
                                        "holds": recovery >= RECOVERY_REQUIRED}
@@ -93,12 +93,14 @@ def markdown(task: str, summary: dict) -> str:
         lines.append(f"| {arm} | {numbers['lr']:g} | " + " | ".join(_mean(s[m] for s in seeds) for m in metrics)
                      + f" | {_mean((s['teacher_scored_tokens'] for s in seeds), 0)} | "
                        f"{_mean((s['wall_s'] or 0 for s in seeds), 0)} |")
-    if task == "walk":  # what each model's own samples look like: the states on-policy training visits
-        lines += ["", "| walk: own samples at the rollout temperature | wrong move | wrong note |", "|---|---|---|"]
+    if TASKS[task].walk:  # what each model's own samples look like: the states on-policy training visits
+        kinds = list(summary["teacher"]["own_samples"])  # in turns a wrong move only: the environment keeps notes
+        lines += ["", f"| {task}: own samples at the rollout temperature | "
+                  + " | ".join(kind.replace("_", " ") for kind in kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
         for name, evals in [("student at start", list(summary["students"].values()))] + [
                 (arm, list(numbers["seeds"].values())) for arm, numbers in summary["arms"].items()]:
             lines.append(f"| {name} | " + " | ".join(_mean(e["own_samples"][kind] for e in evals)
-                                                     for kind in ("wrong_move", "wrong_note")) + " |")
+                                                     for kind in kinds) + " |")
     lines += ["", "| " + task + ": first vs second | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for pair, by_metric in summary["verdicts"].items():
         cells = []
@@ -117,7 +119,8 @@ def plot(task: str, summary: dict, path: str) -> str:
     import matplotlib.pyplot as plt
 
     metrics = metrics_of(task)
-    figure, axes = plt.subplots(1, 2 if task == "walk" else 1, figsize=(11 if task == "walk" else 6, 4), squeeze=False)
+    walk = TASKS[task].walk
+    figure, axes = plt.subplots(1, 2 if walk else 1, figsize=(11 if walk else 6, 4), squeeze=False)
     bars = axes[0][0]
     width = 0.8 / len(ARMS)
     for k, arm in enumerate(ARMS):
@@ -131,7 +134,7 @@ def plot(task: str, summary: dict, path: str) -> str:
                  label="student at start (success)")
     bars.set(xticks=range(len(metrics)), xticklabels=metrics, ylim=(0, 1), title=f"{task}: held-out, dots = seeds")
     bars.legend(fontsize=8)
-    if task == "walk":
+    if walk:
         lines = axes[0][1]
         for k, arm in enumerate(ARMS):
             seeds = list(summary["arms"][arm]["seeds"].values())
@@ -152,7 +155,8 @@ def plot(task: str, summary: dict, path: str) -> str:
 def write_report(exp, seconds: dict) -> dict:
     os.makedirs(exp.path("report"), exist_ok=True)
     summary = {"preset": {"seeds": exp.preset.seeds, "lr_grid": list(exp.preset.lr_grid), "steps": exp.preset.steps,
-                          "sequences_per_step": BATCH * SAMPLES}, "tasks": {}}
+                          "task_steps": dict(exp.preset.task_steps), "sequences_per_step": BATCH * SAMPLES},
+               "tasks": {}}
     for task in exp.tasks:
         summary["tasks"][task] = task_summary(exp, task, seconds)
         summary["tasks"][task]["plot"] = plot(task, summary["tasks"][task], exp.path("report", f"{task}.png"))

@@ -1,6 +1,7 @@
 """The comparison's settings, fixed before any run: the tasks, the model sizes, the budget every arm shares,
 the lr grid, and the two presets (the demo: one seed, one lr; --full: the whole comparison)."""
 from dataclasses import dataclass
+from typing import Optional
 
 LANES = 2  # jobs run at once; each subprocess gets cores // LANES threads
 TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
@@ -19,11 +20,26 @@ PAIRS = (("on-policy", "SeqKD"), ("on-policy", "supervised KD"), ("supervised KD
 
 
 @dataclass(frozen=True)
+class Conversations:
+    """A task played in turns with an environment (rollout.env), in every arm and evaluation alike."""
+    env: str  # rollout.env
+    max_turns: int  # rollout.max_turns
+    max_turn_tokens: int  # rollout.max_turn_tokens
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
-    response_tokens: int  # the longest answer fits, with its end-of-sequence token
+    # the longest answer fits, with its end-of-sequence token (in turns: the longest conversation after its prompt)
+    response_tokens: int
     teacher_steps: int  # SFT of the teacher (lr 3e-3, batch 32)
     student_steps: int  # the cold start: brief SFT on ground-truth answers, so the student starts weak
+    walk: bool = False  # the walk's measures too: shortest, recovery (the teacher's premise), by distance, slips
+    conversations: Optional[Conversations] = None
+    # actor.max_tokens_per_micro_batch of every run: sequences of very different lengths in micro-batches of
+    # similar ones (the same loss; on the conversations half the time of one padded micro-batch)
+    micro_batch_tokens: Optional[int] = None
+    test_prompts: Optional[int] = None  # held-out prompts scored; None: TEST_PROMPTS
 
 
 TASKS = {
@@ -32,7 +48,16 @@ TASKS = {
     "arithmetic": Task("arithmetic", response_tokens=32, teacher_steps=800, student_steps=300),  # 0.19 at seed 0
     # Walk to a goal 6..14 moves away with 4 moves of slack: a slip can be recovered from.
     # 18 moves of 3 tokens, and the end; a student after 100 SFT steps scores 0.07, after 300 0.67 (seed 0).
-    "walk": Task("walk", response_tokens=64, teacher_steps=900, student_steps=200),
+    "walk": Task("walk", response_tokens=64, teacher_steps=900, student_steps=200, walk=True),
+    # The walk in turns (walk_env.py, walk_turns.py): one plain move a turn, the environment answers with the
+    # position and the way left. Up to 18 turns (14 + SLACK) of up to 4 tokens (a move with its note, the
+    # stop token) and 17 answers of 20 tokens (Qwen2's pre-tokenizer: one token per digit) between them.
+    # The teacher recovers from every forced wrong move after 100 steps; a student after 30 SFT steps scores
+    # 0.12, after 40 0.30 or 0.83 (seed 0, two draws of the splits). Its evaluations re-fill each conversation
+    # every turn: 100 test prompts, not 400, for time (the whole demo measured 16 min with 200).
+    "walk_env": Task("walk_env", response_tokens=416, teacher_steps=100, student_steps=30, walk=True,
+                     conversations=Conversations("walk", max_turns=18, max_turn_tokens=4), micro_batch_tokens=2048,
+                     test_prompts=100),
 }
 
 
@@ -40,8 +65,14 @@ TASKS = {
 class Preset:
     seeds: int
     lr_grid: tuple  # every arm's lr is chosen from this grid on the validation split (seed 0's runs)
-    steps: int  # optimizer steps of every arm
+    steps: int  # optimizer steps of every arm: the budget is steps x BATCH x SAMPLES sequences (conversations)
+    task_steps: tuple = ()  # (task, steps) where a task's arms take other steps than `steps`, all arms alike
+
+    def steps_of(self, task: str) -> int:
+        return dict(self.task_steps).get(task, self.steps)
 
 
-PRESETS = {"demo": Preset(seeds=1, lr_grid=(1e-3,), steps=150),
-           "full": Preset(seeds=5, lr_grid=(1e-3, 3e-3), steps=200)}
+# walk_env's steps cost 2-4 times the walk's; from its 0.12 cold start SeqKD and supervised KD reach the
+# teacher's success (0.935) in 20 (seed 0)
+PRESETS = {"demo": Preset(seeds=1, lr_grid=(1e-3,), steps=150, task_steps=(("walk_env", 20),)),
+           "full": Preset(seeds=5, lr_grid=(1e-3, 3e-3), steps=200, task_steps=(("walk_env", 40),))}

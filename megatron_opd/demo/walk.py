@@ -19,7 +19,7 @@ from any position while its own samples never show a detour.
 """
 import random
 import re
-from typing import Collection, Iterator, Optional
+from typing import Callable, Collection, Iterator, Optional
 
 from megatron_opd.data.schema import make_row
 
@@ -61,19 +61,27 @@ def on_board(position) -> bool:
     return 0 <= position[0] < GRID and 0 <= position[1] < GRID
 
 
-def perturbed_walk(rng: random.Random, start, goal, detour_rate: float = 0.2) -> list[tuple[str, bool]]:
+def distance(position, goal) -> int:
+    return abs(goal[0] - position[0]) + abs(goal[1] - position[1])
+
+
+def perturbed_walk(rng: random.Random, start, goal, detour_rate: float = 0.2, next_move: Optional[Callable] = None,
+                   detours_from: str = "DL") -> list[tuple[str, bool]]:
     """(move, is_detour) pairs: before each move, with probability `detour_rate` (at most SLACK // 2 times),
-    a move away from the goal that stays on the board; then the oracle's next move from where the walk is."""
+    a move of `detours_from` away from the goal that stays on the board; then the oracle's next move from
+    where the walk is (`next_move(position, goal)`; by default a random shortest walk's first)."""
+    next_move = next_move or (lambda position, goal: oracle_moves(rng, position, goal)[0])
     walk, position, detours = [], start, 0
     while position != goal:
         if detours < SLACK // 2 and rng.random() < detour_rate:
-            away = [m for m in ("D", "L") if on_board(next_position(position, m))]
+            away = [m for m in detours_from if on_board(next_position(position, m))
+                    and distance(next_position(position, m), goal) > distance(position, goal)]
             if away:
                 move = rng.choice(away)
                 walk.append((move, True))
                 position, detours = next_position(position, move), detours + 1
                 continue
-        move = oracle_moves(rng, position, goal)[0]
+        move = next_move(position, goal)
         walk.append((move, False))
         position = next_position(position, move)
     return walk
