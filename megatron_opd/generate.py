@@ -94,10 +94,12 @@ def generate(cfg: GenerateConfig) -> float:
         seconds = time.perf_counter() - started
     finally:
         engine.stop()
-    rows = _conversation_rows(samples, items, tokenizer, r.n) if multi_turn is not None else []
-    if multi_turn is None:
+    if multi_turn is not None:
+        rows = _conversation_rows(samples, items, tokenizer, r.n)
+    else:
         texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-        for k, (sample, text) in enumerate(zip(samples, texts)):
+        rows = []
+        for k, text in enumerate(texts):
             item = items[k // r.n]
             rows.append({**_row(item, k % r.n), "prompt": item["raw_prompt"], "response": text,
                          "score": score_response(item["data_source"], text, item["ground_truth"], cfg.score_method)})
