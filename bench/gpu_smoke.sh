@@ -2,7 +2,8 @@
 # The GPU smoke test as one command on a bare GPU image (Python 3.12 with torch, transformers, triton, pyarrow;
 # no network): installs bench/gpu_wheels/ (made by bench/prepare_gpu_wheels.sh where PyPI is reachable) offline
 # into a temporary folder, puts it and the repo on PYTHONPATH and runs bench/gpu_smoke.py with these arguments.
-# Run: bash bench/gpu_smoke.sh --out smoke.json            (PYTHON=... picks the interpreter, default python3)
+# Run: bash bench/gpu_smoke.sh --out smoke.json            (PYTHON=... picks the interpreter, default python3;
+#      SCRIPT=bench/gpu_parity.py bash bench/gpu_smoke.sh   SCRIPT=... runs another bench script so)
 #      bash bench/gpu_smoke.sh --device cpu --tiny         (the CPU check of the same path)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,4 +31,4 @@ else  # a wheel is a zip laid out for sys.path: without pip, unpacking it is the
 fi
 export PYTHONPATH="$TARGET:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false  # the trainer forks a checkpoint writer; tokenizers' threads and fork() do not mix
-"$PYTHON" "$REPO/bench/gpu_smoke.py" "$@"
+"$PYTHON" "$REPO/${SCRIPT:-bench/gpu_smoke.py}" "$@"
