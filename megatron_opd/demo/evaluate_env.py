@@ -3,9 +3,13 @@ embedded engine through the rollout's own code (rollout/conversation.py), the sa
 - success: the environment's reward of the greedy conversation (the goal within d + SLACK moves);
 - shortest: the goal in exactly d moves; success by distance d;
 - recovery: success after a forced first move away from the goal (ForcedDetour: the conversation opens with
-  that move and the environment's answer, the model writes the rest);
+  that move and the environment's answer, the model writes the rest); overshoot_recovery: the same after
+  the oracle's moves across and one more past the goal's column (ForcedOvershoot), the students' usual slip;
 - own_samples: how often the model's own conversations at the rollout temperature hold a wrong move (one
-  that does not bring the walker closer to the goal), the states on-policy training visits.
+  that does not bring the walker closer to the goal), and over their turns how often the move the teacher was
+  trained to make there (the across-first oracle's) is R and U: the states on-policy training visits and what
+  it is told there. (The teacher's own most likely move agreed with the oracle's on 98% of a cold-start
+  student's sampled turns, 451 turns of 64 prompts, measured once.)
 Run: .venv/bin/python -m megatron_opd.demo.evaluate_env MODEL_DIR TEST.parquet
 """
 import sys
@@ -16,8 +20,9 @@ from megatron_opd.data.chat import encode_prompt
 from megatron_opd.demo.evaluate import forced_detour
 from megatron_opd.demo.jobs import TORCH_IN_PROCESS
 from megatron_opd.demo.settings import TASKS, TEMPERATURE, Task
-from megatron_opd.demo.walk import distance, next_position, parse_ground_truth, parse_moves
+from megatron_opd.demo.walk import distance, next_position, on_board, parse_ground_truth, parse_moves
 from megatron_opd.demo.walk_env import WalkEnvironment
+from megatron_opd.demo.walk_turns import across_first, oracle_walk
 from megatron_opd.rollout.chat_turns import ChatTurns
 from megatron_opd.rollout.conversation import Conversation, ConversationLimits, as_text, roll_out
 from megatron_opd.rollout.embedded_engine import EmbeddedEngine
@@ -28,12 +33,34 @@ class ForcedDetour(WalkEnvironment):
     """The walk opened with a forced first move away from the goal (evaluate.forced_detour) and the
     environment's answer to it, as the conversation would hold them had the model written that move."""
 
+    @staticmethod
+    def opening(start, goal) -> list[str] | None:
+        move = forced_detour(start)
+        return None if move is None else [move]
+
     def start(self, row: dict) -> list[dict]:
-        first = super().start(row)
-        move = forced_detour(self.position)
-        if move is None:
-            raise ValueError(f"no first move away from the goal stays on the board from {self.position}")
-        return first + [{"role": "assistant", "content": move}] + self.step(move).messages
+        messages = super().start(row)
+        moves = self.opening(self.position, self.goal)
+        if moves is None:
+            raise ValueError(f"{type(self).__name__}: no opening from {self.position} to {self.goal}")
+        for move in moves:
+            messages += [{"role": "assistant", "content": move}] + self.step(move).messages
+        return messages
+
+
+class ForcedOvershoot(ForcedDetour):
+    """The walk opened with the oracle's moves across to the goal's column and one more past it: the students'
+    usual slip (a cold-start student's own wrong moves are mostly this one)."""
+
+    @staticmethod
+    def opening(start, goal) -> list[str] | None:
+        if goal[1] == start[1] or not on_board((goal[0] + 1, start[1])):  # the goal reached first, or off the board
+            return None
+        return oracle_walk(start, (goal[0], start[1])) + ["R"]
+
+
+# success after each forced slip: the teacher's premise (settings.RECOVERY_REQUIRED) and a measure of every arm
+RECOVERIES = {"recovery": ForcedDetour, "overshoot_recovery": ForcedOvershoot}
 
 
 def assistant_turns(conversation: Conversation, tokenizer) -> list[str]:
@@ -58,6 +85,19 @@ def wrong_move(start, goal, turns: list[str]) -> bool:
         if distance(position, goal) >= distance(before, goal):
             return True
     return False
+
+
+def oracle_moves(start, goal, turns: list[str]) -> list[str]:
+    """The oracle's move (across_first) at the state each turn starts from, up to the first turn that is not
+    one move (where the environment ends the walk)."""
+    position, moves = start, []
+    for turn in turns:
+        written = parse_moves(turn)
+        if written is None or len(written) != 1 or position == goal:
+            break
+        moves.append(across_first(position, goal))
+        position = next_position(position, written[0])
+    return moves
 
 
 def limits(task: Task) -> ConversationLimits:
@@ -90,11 +130,16 @@ def evaluate_conversations(model_dir: str, rows: list[dict], limits: Conversatio
     for conversation, d in zip(greedy, distances):
         by_distance.setdefault(d, []).append(conversation.reward)
     result["success_by_distance"] = {d: sum(v) / len(v) for d, v in sorted(by_distance.items())}
-    forced = [i for i, (start, _) in enumerate(problems) if forced_detour(start)]
-    result["recovery"] = sum(c.reward for c in talk(ForcedDetour, forced)) / len(forced)
+    for metric, env in RECOVERIES.items():
+        forced = [i for i, problem in enumerate(problems) if env.opening(*problem)]
+        result[metric] = sum(c.reward for c in talk(env, forced)) / len(forced)
     sampled = talk(WalkEnvironment, everyone, TEMPERATURE)
-    slips = [wrong_move(*problem, assistant_turns(c, tokenizer)) for problem, c in zip(problems, sampled)]
-    result["own_samples"] = {"wrong_move": sum(slips) / len(slips)}
+    turns = [assistant_turns(c, tokenizer) for c in sampled]
+    slips = [wrong_move(*problem, texts) for problem, texts in zip(problems, turns)]
+    told = [move for problem, texts in zip(problems, turns) for move in oracle_moves(*problem, texts)]
+    result["own_samples"] = {"wrong_move": sum(slips) / len(slips),
+                             **{f"oracle_{name}": told.count(move) / max(len(told), 1) for move, name in
+                                (("R", "right"), ("U", "up"))}}
     result["responses"] = [as_text(c, tokenizer)[0] for c in greedy]
     engine.stop()
     return result

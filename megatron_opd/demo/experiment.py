@@ -153,6 +153,8 @@ class Experiment:
 
     def evaluate(self, model_dir: str, task: str, split: str, out_file: str) -> None:
         rows = split_rows(self.path(task, "data"), split)
+        if split == "test":
+            rows = rows[:self.preset.test_prompts_of(task)]
         result = (evaluate_conversations(model_dir, rows, limits(TASKS[task])) if TASKS[task].conversations
                   else evaluate(model_dir, rows, TASKS[task].response_tokens))
         os.makedirs(os.path.dirname(out_file), exist_ok=True)
@@ -160,22 +162,24 @@ class Experiment:
             json.dump(result, f, indent=1)
 
     def evaluate_teacher(self, task: str) -> None:
-        """The teacher's test metrics; on a walk, first the premise: it gets back on course after a forced
-        wrong move in at least RECOVERY_REQUIRED of the test prompts."""
+        """The teacher's test metrics; on a walk, first the premise: it gets back on course after each forced
+        wrong move (settings.Task.recoveries) in at least RECOVERY_REQUIRED of the test prompts."""
         path = self.eval_path(task, None, "teacher")
         self.evaluate(self.path(task, "teacher", "hf"), task, "test", path)
         if not TASKS[task].walk:
             return
-        recovery = json.load(open(path))["recovery"]
-        holds = recovery >= RECOVERY_REQUIRED
-        print(f"    {task} teacher: recovery after a forced wrong move {recovery:.3f} (required {RECOVERY_REQUIRED}): "
-              f"{'holds' if holds else f'DOES NOT HOLD, the {task} comparison tests nothing about recovery'}",
-              flush=True)
-        if self.strict and not holds:
+        result = json.load(open(path))
+        failed = [m for m in TASKS[task].recoveries if result[m] < RECOVERY_REQUIRED]
+        for metric in TASKS[task].recoveries:
+            print(f"    {task} teacher: {metric.replace('_', ' ')} after a forced wrong move {result[metric]:.3f} "
+                  f"(required {RECOVERY_REQUIRED}): {'DOES NOT HOLD' if metric in failed else 'holds'}", flush=True)
+        if failed:
+            print(f"    the {task} comparison tests nothing about recovering from that slip", flush=True)
+        if self.strict and failed:
             os.remove(path)
-            raise SystemExit(f"{self.path(task, 'teacher')}: the {task} teacher's recovery {recovery:.3f} is below "
-                             f"{RECOVERY_REQUIRED}; remove that directory and train it longer "
-                             f"(settings.TASKS['{task}'].teacher_steps)")
+            raise SystemExit(f"{self.path(task, 'teacher')}: the {task} teacher's "
+                             + ", ".join(f"{m} {result[m]:.3f}" for m in failed) + f" below {RECOVERY_REQUIRED}; "
+                             f"remove that directory and train it longer (settings.TASKS['{task}'].teacher_steps)")
 
     def choose_lrs(self, task: str) -> None:
         """Each arm's lr: the grid value with the best validation success of its seed-0 run (ties: smaller)."""

@@ -9,10 +9,11 @@ experiment.py), each at the lr the same grid chose for it on the validation spli
 scored on held-out prompts (evaluate.py, evaluate_env.py) and the arms are compared by the statistics fixed
 in verdict.py (report.py).
 
-The demo (default) runs one seed at one lr in about 16 minutes on 2 cores; --full runs 5 seeds with the lr
-grid. Outputs under --out; a job whose output exists is skipped (re-running resumes), --force re-runs all.
+The demo (default) runs one seed at one lr in about 13 minutes on 2 cores; --full runs 5 seeds with the lr
+grid. Outputs under --out (runs/demo, --full: runs/full); a job whose output exists is skipped (re-running
+resumes), --force re-runs all.
 
-Run: .venv/bin/python -m megatron_opd.demo.opd_demo [--full] [--out runs/demo]
+Run: .venv/bin/python -m megatron_opd.demo.opd_demo [--full] [--out DIR]
 """
 import argparse
 import dataclasses
@@ -75,7 +76,7 @@ def task_jobs(exp: Experiment, task: str) -> list[Job]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--out", help="where its jobs and report go (default runs/demo, --full: runs/full)")
     parser.add_argument("--full", action="store_true", help="5 seeds and the lr grid (see settings.PRESETS)")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--force", action="store_true", help="re-run jobs whose outputs exist")
@@ -93,7 +94,9 @@ def main(argv=None):
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise SystemExit(f"--tasks: unknown task {unknown[0]!r}; choose from {','.join(TASKS)}")
-    exp = Experiment(args.out, preset, tasks, scale=args.scale, strict=args.full)
+    # apart by default: a job whose output exists is skipped, and the demo's runs are not the comparison's
+    exp = Experiment(args.out or ("runs/full" if args.full else "runs/demo"), preset, tasks, scale=args.scale,
+                     strict=args.full)
     started = time.perf_counter()
     per_task = [task_jobs(exp, task) for task in tasks]
     # every task's data, teacher and its check first: the teachers are the longest jobs, the rest waits on them

@@ -8,11 +8,8 @@ import statistics
 from megatron_opd.demo.settings import ARMS, BATCH, PAIRS, RECOVERY_REQUIRED, SAMPLES, TASKS
 from megatron_opd.demo.verdict import paired_interval, verdict
 
-WALK_METRICS = ("success", "shortest", "recovery")
-
-
 def metrics_of(task: str) -> tuple:
-    return WALK_METRICS if TASKS[task].walk else ("success",)
+    return ("success", "shortest", *TASKS[task].recoveries) if TASKS[task].walk else ("success",)
 
 
 def load_eval(path: str) -> dict:
@@ -66,9 +63,9 @@ def task_summary(exp, task: str, seconds: dict) -> dict:
                "students": {s: load_eval(exp.eval_path(task, s, "student")) for s in range(exp.preset.seeds)},
                "arms": arms, "verdicts": _verdicts(task, arms)}
     if TASKS[task].walk:
-        recovery = summary["teacher"]["recovery"]
-        summary["teacher_recovers"] = {"recovery": recovery, "required": RECOVERY_REQUIRED,
-                                       "holds": recovery >= RECOVERY_REQUIRED}
+        recoveries = {m: summary["teacher"][m] for m in TASKS[task].recoveries}
+        summary["teacher_recovers"] = {**recoveries, "required": RECOVERY_REQUIRED,
+                                       "holds": min(recoveries.values()) >= RECOVERY_REQUIRED}
     if len(exp.preset.lr_grid) > 1:
         summary["lr_choice"] = json.load(open(exp.lr_choice_path(task)))
     return summary
@@ -97,8 +94,8 @@ def markdown(task: str, summary: dict) -> str:
         kinds = list(summary["teacher"]["own_samples"])  # in turns a wrong move only: the environment keeps notes
         lines += ["", f"| {task}: own samples at the rollout temperature | "
                   + " | ".join(kind.replace("_", " ") for kind in kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
-        for name, evals in [("student at start", list(summary["students"].values()))] + [
-                (arm, list(numbers["seeds"].values())) for arm, numbers in summary["arms"].items()]:
+        rows = [("teacher", [summary["teacher"]]), ("student at start", list(summary["students"].values()))]
+        for name, evals in rows + [(arm, list(numbers["seeds"].values())) for arm, numbers in summary["arms"].items()]:
             lines.append(f"| {name} | " + " | ".join(_mean(e["own_samples"][kind] for e in evals)
                                                      for kind in kinds) + " |")
     lines += ["", "| " + task + ": first vs second | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]

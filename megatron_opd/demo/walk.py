@@ -66,18 +66,28 @@ def distance(position, goal) -> int:
 
 
 def perturbed_walk(rng: random.Random, start, goal, detour_rate: float = 0.2, next_move: Optional[Callable] = None,
-                   detours_from: str = "DL") -> list[tuple[str, bool]]:
+                   detours_from: str = "DL", overshoot_rate: float = 0.0) -> list[tuple[str, bool]]:
     """(move, is_detour) pairs: before each move, with probability `detour_rate` (at most SLACK // 2 times),
     a move of `detours_from` away from the goal that stays on the board; then the oracle's next move from
-    where the walk is (`next_move(position, goal)`; by default a random shortest walk's first)."""
+    where the walk is (`next_move(position, goal)`; by default a random shortest walk's first). Right after an
+    oracle move that reaches the goal's column or row, with probability `overshoot_rate` (within the same
+    SLACK // 2) that move once more, past it: the slip of a student that keeps going."""
     next_move = next_move or (lambda position, goal: oracle_moves(rng, position, goal)[0])
     walk, position, detours = [], start, 0
+
+    def away(move) -> bool:
+        return on_board(next_position(position, move)) and distance(next_position(position, move), goal) > distance(
+            position, goal)
+
     while position != goal:
-        if detours < SLACK // 2 and rng.random() < detour_rate:
-            away = [m for m in detours_from if on_board(next_position(position, m))
-                    and distance(next_position(position, m), goal) > distance(position, goal)]
-            if away:
-                move = rng.choice(away)
+        if detours < SLACK // 2:
+            previous = walk[-1][0] if walk and not walk[-1][1] else None
+            if overshoot_rate and previous and away(previous) and rng.random() < overshoot_rate:
+                choices = [previous]
+            else:
+                choices = [m for m in detours_from if away(m)] if rng.random() < detour_rate else []
+            if choices:
+                move = rng.choice(choices)
                 walk.append((move, True))
                 position, detours = next_position(position, move), detours + 1
                 continue

@@ -3,7 +3,10 @@
 Each turn the student writes one move (U R D L, a note after it such as "R45" is allowed and not read); the
 environment answers with where the walker stands and the way left to the goal, e.g. "at 3 4, left 4 4". The
 conversation ends with reward 1 at the goal, and with reward 0 on a turn that is not one move, a move off the
-board, or when the single-turn task's budget (distance + SLACK moves) is spent short of the goal."""
+board, or as soon as the goal is farther than the single-turn task's budget (distance + SLACK moves) has moves
+left. Ending a doomed walk at once, rather than when its budget is spent, keeps the conversation to states from
+which the goal can still be reached: a walker three past the goal's column has no way back in budget, and
+turns played there would only teach moves that cannot matter."""
 from megatron_opd.demo.walk import SLACK, next_position, on_board, parse_ground_truth, parse_moves, question
 from megatron_opd.rollout.envs.base import Environment, Observation, row_ground_truth
 
@@ -37,10 +40,10 @@ class WalkEnvironment(Environment):
             return self._end("off_board", f"off the board at {x} {y}: the walk is over")
         if self.position == self.goal:
             return self._end("goal", f"at the goal {x} {y}", reward=1.0)
-        if self.moves == self.max_moves:
-            return self._end("out_of_moves", f"at {x} {y}, out of moves ({self.max_moves}): the walk is over")
-        left = f"{self.goal[0] - x} {self.goal[1] - y}"
-        return Observation(messages=[_user(f"at {x} {y}, left {left}")], info=self._info("moved"))
+        left_x, left_y = self.goal[0] - x, self.goal[1] - y
+        if abs(left_x) + abs(left_y) > self.max_moves - self.moves:
+            return self._end("out_of_reach", f"at {x} {y}, the goal is out of reach: the walk is over")
+        return Observation(messages=[_user(f"at {x} {y}, left {left_x} {left_y}")], info=self._info("moved"))
 
     def _end(self, outcome: str, text: str, reward: float = 0.0) -> Observation:
         return Observation(messages=[_user(text)], reward=reward, done=True, info=self._info(outcome))

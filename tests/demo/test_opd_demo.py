@@ -1,4 +1,4 @@
-"""The main job (opd_demo.main) in two tests, about a minute together on 2 idle cores.
+"""The main job (opd_demo.main) in two tests, about a minute together on 2 idle cores (and where it writes).
 
 test_job_graph_lr_choice_budget_verdicts_and_resume (~5 s): the real data, job graph, lr choice, report and
 verdicts on FakeStages, which stand in for the CLI runs and the evaluations (walk, five seeds, a three-value
@@ -21,6 +21,7 @@ import json
 import os
 
 import pyarrow.parquet as pq
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,7 +31,7 @@ from megatron_opd.demo import experiment, jobs, opd_demo, tasks
 from megatron_opd.demo.arithmetic import questions
 from megatron_opd.demo.experiment import SLUGS
 from megatron_opd.demo.opd_demo import main
-from megatron_opd.demo.report import WALK_METRICS, run_tokens
+from megatron_opd.demo.report import metrics_of, run_tokens
 from megatron_opd.demo.settings import ARMS, BATCH, PAIRS, SAMPLES, VAL_PROMPTS
 from megatron_opd.demo.verdict import VERDICTS, verdict
 from megatron_opd.train import CONFIG_DIR
@@ -211,7 +212,7 @@ def test_job_graph_lr_choice_budget_verdicts_and_resume(tmp_path, monkeypatch, c
                 _check_budget(run_dir, CHOSEN[arm])
             _check_arm_run(out, seed, arm, run_dir, numbers)
             saved = json.load(open(os.path.join(out, "walk", "eval", f"seed{seed}", f"{SLUGS[arm]}.test.json")))
-            assert all(numbers[m] == saved[m] == TEST[arm][m][seed] for m in WALK_METRICS)
+            assert all(numbers[m] == saved[m] == TEST[arm][m][seed] for m in metrics_of("walk"))
 
     judged = set()
     for first, second in PAIRS:
@@ -255,4 +256,23 @@ def test_every_stage_for_real_and_the_report_equals_their_logs(tmp_path, monkeyp
         rescored = sum(score_response(row["data_source"], text, row["reward_model"]["ground_truth"])
                        for row, text in zip(rows, saved["responses"])) / len(rows)
         assert len(saved["responses"]) == len(rows) and numbers["success"] == saved["success"] == rescored
-        assert all(numbers[m] == saved[m] for m in WALK_METRICS)
+        assert all(numbers[m] == saved[m] for m in metrics_of("walk"))
+
+
+@pytest.mark.parametrize("argv, out", [([], "runs/demo"), (["--full"], "runs/full"), (["--full", "--out", "x"], "x")])
+def test_the_demo_and_the_comparison_go_to_their_own_folders_by_default(monkeypatch, argv, out):
+    """A job whose output exists is skipped: the demo's runs (one seed, fewer steps) must not stand in for the
+    comparison's."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def experiment(path, *args, **kwargs):
+        seen.append(path)
+        raise Stop
+
+    monkeypatch.setattr(opd_demo, "Experiment", experiment)
+    with pytest.raises(Stop):
+        opd_demo.main(argv)
+    assert seen == [out]

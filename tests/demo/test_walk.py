@@ -4,8 +4,8 @@ import random
 
 from megatron_opd.data.scorers import mean_score
 from megatron_opd.demo.walk import (
-    DISTANCES, GRID, SLACK, WALK_DATA_SOURCE, detour_walk_rows, oracle_moves, parse_ground_truth, perturbed_walk,
-    parse_moves, question, walk_outcome, walk_problem, walk_rows, walk_slips, walk_text)
+    DISTANCES, GRID, SLACK, WALK_DATA_SOURCE, detour_walk_rows, distance, next_position, oracle_moves,
+    parse_ground_truth, perturbed_walk, parse_moves, question, walk_outcome, walk_problem, walk_rows, walk_slips, walk_text)
 
 
 def test_problems_lie_on_the_board_up_and_right_at_every_distance():
@@ -42,6 +42,25 @@ def test_perturbed_walks_recover_within_the_slack_with_detours_marked():
         assert outcome == {"success": True, "shortest": not detours}
         detoured += bool(detours)
     assert detoured > 150
+
+
+def test_an_overshoot_repeats_the_move_that_reached_the_goals_column_or_row():
+    rng, overshot = random.Random(3), 0
+    for _ in range(300):
+        start, goal = walk_problem(rng)
+        walk = perturbed_walk(rng, start, goal, detour_rate=0.0, overshoot_rate=1.0)
+        position, moves = start, [move for move, _ in walk]
+        for k, (move, is_detour) in enumerate(walk):
+            after = next_position(position, move)
+            assert is_detour == (distance(after, goal) > distance(position, goal))
+            if is_detour:  # the oracle's move just before, which reached the goal's column or row, once more
+                assert k and not walk[k - 1][1] and move == moves[k - 1]
+                assert position[0] == goal[0] or position[1] == goal[1]
+            position = after
+        detours = sum(d for _, d in walk)
+        assert detours <= SLACK // 2 and walk_outcome(start, goal, " ".join(moves))["success"]
+        overshot += detours > 0
+    assert overshot > 200
 
 
 def test_the_scorer_fails_off_board_garbled_and_too_long_walks():

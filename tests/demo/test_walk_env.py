@@ -1,5 +1,6 @@
 """The walk as a conversation: the environment keeps the position and answers each move with the way left;
-the goal ends with reward 1, a move off the board, a turn that is not one move or a spent budget with 0;
+the goal ends with reward 1, a move off the board, a turn that is not one move or a goal out of reach of the
+budget with 0;
 the same moves always get the same answers, and the reward agrees with the single-turn task's scorer."""
 import random
 
@@ -45,11 +46,17 @@ def test_a_scripted_walk_reaches_the_goal_with_reward_1():
     (["R U"], "bad_format", "not one move: the walk is over"),
     (["go right"], "bad_format", "not one move: the walk is over"),
     ([""], "bad_format", "not one move: the walk is over"),
-    (["U", "D"] * 5, "out_of_moves", "at 0 0, out of moves (10): the walk is over"),
+    (["U", "D"] * 5, "out_of_reach", "at 0 0, the goal is out of reach: the walk is over"),
+    (["R"] * 6, "out_of_reach", "at 6 0, the goal is out of reach: the walk is over"),
 ])
 def test_a_failed_walk_ends_with_reward_0(turns, outcome, last):
     *_, end = play(walk_row("0 0 3 3"), turns)
     assert (end.reward, end.done, end.info["outcome"], texts(end)) == (0.0, True, outcome, [last])
+
+
+def test_the_walk_ends_on_the_move_that_puts_the_goal_out_of_reach():
+    ends = [len(play(walk_row("0 0 3 3"), turns)) - 1 for turns in (["U", "D"] * 5, ["R"] * 8, ["L"] * 3)]
+    assert ends == [6, 6, 1]  # 4 moves left, 6 to go; two past the goal's column is in reach, three is not
 
 
 def test_the_goal_on_the_last_move_of_the_budget_still_counts():

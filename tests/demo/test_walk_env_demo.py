@@ -6,11 +6,13 @@ task's verdicts and measures beside the other tasks'."""
 import json
 import os
 
+import pytest
+
 from omegaconf import OmegaConf
 
 from megatron_opd.demo import experiment
 from megatron_opd.demo.opd_demo import main
-from megatron_opd.demo.report import WALK_METRICS
+from megatron_opd.demo.report import metrics_of
 from megatron_opd.demo.settings import ARMS, BATCH, PAIRS, PRESETS, SAMPLES, TASKS
 from tests.demo.test_opd_demo import FakeStages, _fewer_prompts, _log_jobs
 
@@ -28,7 +30,7 @@ def test_the_walk_env_runs_have_the_environment_and_train_without_its_parts(tmp_
     def in_turns(model_dir, rows, limits):
         result = stages.evaluate(model_dir, rows, limits)
         del result["own_samples"]["wrong_note"]  # the environment keeps the notes
-        return result
+        return {**result, "overshoot_recovery": round(result["recovery"] - 0.07, 3)}
 
     def cli(module, *overrides):
         if module == "megatron_opd.generate":
@@ -75,10 +77,46 @@ def test_the_walk_env_runs_have_the_environment_and_train_without_its_parts(tmp_
     summary = json.load(open(os.path.join(out, "report", "summary.json")))["tasks"]
     assert list(summary) == ["walk", "walk_env"]
     walk_env = summary["walk_env"]
-    assert walk_env["teacher_recovers"]["holds"] and walk_env["steps"] == steps
+    # the demo scores the first of walk_env's test prompts, every model alike; the walk all of its own
+    scored = PRESETS["demo"].test_prompts_of("walk_env")
+    assert scored < TASKS["walk_env"].test_prompts and PRESETS["full"].test_prompts_of("walk_env") is None
+    assert {e["prompts"] for e in [walk_env["teacher"], *walk_env["students"].values(),
+                                   *(s for arm in walk_env["arms"].values() for s in arm["seeds"].values())]} == {scored}
+    assert summary["walk"]["teacher"]["prompts"] == 50
+    # the demo runs on where a premise fails (--full stops), and says so
+    assert walk_env["teacher_recovers"] == {"recovery": 0.97, "overshoot_recovery": 0.9, "required": 0.95,
+                                            "holds": False}
+    assert walk_env["steps"] == steps
     assert all(seed["steps"] == steps for arm in walk_env["arms"].values() for seed in arm["seeds"].values())
     assert set(walk_env["verdicts"]) == {f"{a} vs {b}" for a, b in PAIRS}
-    assert all(set(by_metric) == set(WALK_METRICS) for by_metric in walk_env["verdicts"].values())
+    assert metrics_of("walk_env") == ("success", "shortest", "recovery", "overshoot_recovery")
+    assert all(set(by_metric) == set(metrics_of("walk_env")) for by_metric in walk_env["verdicts"].values())
     tables = open(os.path.join(out, "report", "tables.md")).read()
     assert "| walk: own samples at the rollout temperature | wrong move | wrong note |\n|---|---|---|\n" in tables
-    assert "| walk_env: own samples at the rollout temperature | wrong move |\n|---|---|\n" in tables
+    assert "| walk_env: own samples at the rollout temperature | wrong move |\n|---|---|\n| teacher | 0.100 |\n" in tables
+
+
+@pytest.mark.parametrize("overshoot, stops", [(0.95, False), (0.94, True)])
+def test_a_strict_run_stops_when_the_teacher_does_not_recover_from_either_slip(tmp_path, capsys, overshoot, stops):
+    """--full's premise: every forced slip of the task, each at RECOVERY_REQUIRED; the evaluation that fails
+    it is removed so that a re-run evaluates the teacher trained longer."""
+    exp = experiment.Experiment(str(tmp_path), PRESETS["full"], ["walk_env"], strict=True)
+    path = exp.eval_path("walk_env", None, "teacher")
+
+    def evaluate(model_dir, task, split, out_file):
+        os.makedirs(os.path.dirname(out_file), exist_ok=True)
+        with open(out_file, "w") as f:
+            json.dump({"success": 0.9, "recovery": 0.99, "overshoot_recovery": overshoot}, f)
+
+    exp.evaluate = evaluate
+    if stops:
+        with pytest.raises(SystemExit, match=r"teacher's overshoot_recovery 0\.940 below 0\.95; remove"):
+            exp.evaluate_teacher("walk_env")
+        assert not os.path.exists(path)
+    else:
+        exp.evaluate_teacher("walk_env")
+        assert os.path.exists(path)
+    printed = capsys.readouterr().out
+    assert f"overshoot recovery after a forced wrong move {overshoot:.3f} (required 0.95): " + (
+        "DOES NOT HOLD" if stops else "holds") in printed
+    assert "recovery after a forced wrong move 0.990 (required 0.95): holds" in printed

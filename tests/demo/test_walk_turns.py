@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from megatron_opd.data.chat import encode_prompt
 from megatron_opd.demo import evaluate_env
-from megatron_opd.demo.evaluate_env import ForcedDetour, evaluate_conversations, limits
+from megatron_opd.demo.evaluate_env import ForcedDetour, ForcedOvershoot, evaluate_conversations, limits
 from megatron_opd.demo.settings import TASKS
 from megatron_opd.demo.tasks import _corpus
 from megatron_opd.demo.tiny import train_tokenizer, write_tiny_checkpoint
@@ -84,6 +84,9 @@ def test_a_rows_text_is_a_rollout_of_its_moves_and_its_spans_the_parts_without_l
         overshot += any(a and move in "UR" for a, move in zip(away, moves))  # past the goal's column or row
     assert detoured >= least_detoured and (detoured == 0) == (least_detoured == 0)
     assert (overshot > 0) == (detoured > 0)
+    # past the goal's column, the students' usual slip: 14 of these 40 rows (5 from random detours alone)
+    past_column = sum("left -1 " in row["extra_info"]["answer"] for row in rows)
+    assert past_column >= 10 if least_detoured else past_column == 0
 
 
 def test_the_forced_detour_opens_where_a_rollout_of_that_move_stands(tokenizer):
@@ -98,8 +101,22 @@ def test_the_forced_detour_opens_where_a_rollout_of_that_move_stands(tokenizer):
         env = ForcedDetour()
         env.start(row)
         assert env.moves == 1  # the forced move counts against the budget
-    with pytest.raises(ValueError, match=r"no first move away from the goal stays on the board from \(0, 0\)"):
+    with pytest.raises(ValueError, match=r"ForcedDetour: no opening from \(0, 0\) to \(5, 5\)"):
         ForcedDetour().start({"reward_model": {"ground_truth": "0 0 5 5"}})
+
+
+def test_the_forced_overshoot_opens_past_the_goals_column_where_a_rollout_stands(tokenizer):
+    row = {"reward_model": {"ground_truth": "2 1 5 7"}}
+    opening = ["R", "R", "R", "R"]  # across to x = 5, and one more
+    assert ForcedOvershoot.opening((2, 1), (5, 7)) == opening
+    rest = ["L"] + ["U"] * 6
+    walked, opened = played(tokenizer, row, opening + rest), played(tokenizer, row, rest, ForcedOvershoot)
+    assert opened.prompt_ids + opened.response_ids == walked.prompt_ids + walked.response_ids
+    assert (opened.reward, opened.turns, walked.turns) == (1.0, len(rest), len(rest) + len(opening))
+    assert "at 6 1, left -1 6" in tokenizer.decode(opened.prompt_ids)
+    # none where the goal is on the start's row (reached before the overshoot) or the move past leaves the board
+    assert ForcedOvershoot.opening((2, 1), (9, 7)) is None and ForcedOvershoot.opening((0, 3), (8, 3)) is None
+    assert ForcedOvershoot.opening((5, 0), (5, 8)) == ["R"]
 
 
 def test_the_evaluation_of_a_policy_that_always_moves_right(checkpoint, tokenizer, tmp_path):
@@ -113,9 +130,13 @@ def test_the_evaluation_of_a_policy_that_always_moves_right(checkpoint, tokenize
     assert result.pop("responses")[0] == "R<|im_end|>" + (
         "\n<|im_start|>user\nat {} 3, left {} 0<|im_end|>\n<|im_start|>assistant\nR<|im_end|>" * 6).format(
         *[v for x in range(3, 9) for v in (x, 9 - x)])[:-len("<|im_end|>")]
-    # rows 1, 2 and 6 lie on the goal's row; "0 0 2 5" has no first move away from the goal on the board
+    # rows 1, 2 and 6 lie on the goal's row; "0 0 2 5" has no first move away from the goal on the board; past
+    # the goal's column it never turns back (and rows 1, 2, 6 have no overshoot: the goal comes first). The
+    # states its samples visit: 7 R on each goal row; "0 4 3 9" R R R, at the column U, past it L L (then out of
+    # reach); "4 1 6 6" and "0 0 2 5" R R U L L: 37 turns, the oracle's move R in 28, U in 3
     assert result == {"success": 3 / 6, "shortest": 3 / 6, "prompts": 6, "success_by_distance": {7: 3 / 5, 8: 0.0},
-                      "recovery": 3 / 5, "own_samples": {"wrong_move": 3 / 6}}
+                      "recovery": 3 / 5, "overshoot_recovery": 0 / 3,
+                      "own_samples": {"wrong_move": 3 / 6, "oracle_right": 28 / 37, "oracle_up": 3 / 37}}
 
 
 class StepBackFirst:
@@ -147,14 +168,17 @@ class StepBackFirst:
 
 def test_the_measures_of_a_walker_that_steps_back_first(checkpoint, monkeypatch):
     """Success in d + 2 moves is not shortest and holds a wrong move; D from the bottom row leaves the board;
-    after a forced first move the oracle recovers."""
+    after a forced first move the oracle recovers. Its turns start from 24 states: "2 3 9 3" the first (R) and
+    from one row down 7 R and U; "0 1 3 9" the first (R), 3 R and 9 U; the other two one each (R), off the board
+    after it: the oracle's move R in 14, U in 10."""
     monkeypatch.setattr(evaluate_env, "EmbeddedEngine", StepBackFirst)
     truths = ["2 3 9 3", "0 1 3 9", "4 0 6 6", "0 0 2 5"]
     rows = [{"prompt": [{"role": "user", "content": "walk"}], "reward_model": {"ground_truth": t}} for t in truths]
     result = evaluate_conversations(checkpoint, rows, LIMITS)
     del result["responses"]
-    assert result == {"success": 2 / 4, "shortest": 0.0, "prompts": 4, "recovery": 3 / 3,
-                      "success_by_distance": {7: 1 / 2, 8: 0.0, 11: 1.0}, "own_samples": {"wrong_move": 4 / 4}}
+    assert result == {"success": 2 / 4, "shortest": 0.0, "prompts": 4, "recovery": 3 / 3, "overshoot_recovery": 3 / 3,
+                      "success_by_distance": {7: 1 / 2, 8: 0.0, 11: 1.0},
+                      "own_samples": {"wrong_move": 4 / 4, "oracle_right": 14 / 24, "oracle_up": 10 / 24}}
 
 
 def test_the_task_limits_let_the_longest_walk_finish_with_notes(tokenizer):
