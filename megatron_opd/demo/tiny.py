@@ -1,6 +1,6 @@
 """Tiny Hugging Face checkpoints of the supported architectures, built locally (no download): the real
-transformers model classes at small sizes, random weights, and a byte-level BPE tokenizer trained on the
-spot. Tests, benchmarks and the CPU demo use them."""
+transformers model classes at small sizes, random weights, and a BPE tokenizer (byte-level, or SentencePiece
+style) trained on the spot. Tests, benchmarks and the CPU demo use them."""
 import os
 from typing import Iterable, Optional
 
@@ -48,21 +48,48 @@ TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, nu
                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
 
 
-def train_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 300):
-    """Byte-level BPE (GPT-2/Qwen style) trained on `texts`, with a ChatML chat template."""
+def train_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 300, kind: str = "byte_level"):
+    """BPE trained on `texts`, with a ChatML chat template: byte-level (GPT-2/Qwen style), or `metaspace`
+    (Llama 2/Mistral style: '▁' for a space before a text's first word too, unknown characters as '<0xNN>'
+    byte tokens; `vocab_size` counts the merged pieces, the 256 byte tokens come on top)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(list(texts or DEFAULT_CORPUS) * 4, trainer)
+    corpus = list(texts or DEFAULT_CORPUS) * 4
+    if kind == "byte_level":
+        tokenizer = Tokenizer(models.BPE(unk_token=None))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tokenizer.train_from_iterator(corpus, trainer)
+    elif kind == "metaspace":
+        tokenizer = _metaspace_tokenizer(corpus, vocab_size)
+    else:
+        raise ValueError(f"tokenizer kind {kind!r}: byte_level or metaspace")
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|pad|>",
                                    bos_token=None, unk_token=None)
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def _metaspace_tokenizer(corpus: list, vocab_size: int):
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None, byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                                              show_progress=False))
+    # SentencePiece keeps its byte fallbacks in the model's vocabulary, after the merged pieces
+    described = json.loads(tokenizer.to_str())
+    vocab = described["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    return Tokenizer.from_str(json.dumps(described))
 
 
 def tiny_hf_config(family: str, vocab_size: int, **overrides):
