@@ -6,8 +6,7 @@ the trainer logs as moe/expert_load_max_over_mean. Exit 1 if a max |log-prob dif
 
 The CPU suite checks the same conversion at tiny shapes; this is the check at real widths and on GPU kernels
 (cuBLAS, megatron's MoE dispatch on CUDA), ~1-2 minutes on an H200. Checkpoints are written from the CPU because
-the parent stays off CUDA; the megatron side runs in a spawned worker all the same (a forked one cannot use
-CUDA once anything in its parent has touched it).
+the parent stays off CUDA; on a GPU machine the megatron side runs in a spawned worker all the same.
 
 Run: SCRIPT=bench/gpu_parity.py bash bench/gpu_smoke.sh --out parity.json    (a bare GPU image, as the smoke)
      .venv/bin/python bench/gpu_parity.py --tiny          (the same path on tiny shapes, CPU)
@@ -59,7 +58,9 @@ def check(name: str, fields: dict, family: str, workdir: str, tokenizer) -> dict
     started = time.perf_counter()
     params = write_checkpoint(path, fields, 5, tokenizer, "cpu", family=family)
     tokens = sample_tokens(fields["vocab_size"], seed=1, **TOKENS)
-    (logits, device), = run_local(_megatron, 1, path, tokens, timeout_s=900, start_method="spawn")
+    # spawned where CUDA is: a forked worker cannot use it once anything in its parent has touched it
+    start = "spawn" if torch.cuda.is_available() else "fork"
+    (logits, device), = run_local(_megatron, 1, path, tokens, timeout_s=900, start_method=start)
     parity = compare(hf_logits(path, tokens), logits)
     row = dict(params=params, megatron_device=device, max_abs_logit=parity.max_abs_logit,
                max_abs_logprob=parity.max_abs_logprob, wall_s=time.perf_counter() - started)
