@@ -9,6 +9,9 @@ from megatron_opd.rollout.sglang_server import SGLangConfig
 
 MODEL_DTYPES = ("float32", "bfloat16")
 TEACHER_ENGINES = ("megatron", "sglang")
+# same: the student's tokenizer (ids compared directly); cross: another, aligned by text (data/xtok/); auto: same
+# where the tokenizers agree by content, cross otherwise, said at start-up
+TOKENIZER_MODES = ("same", "cross", "auto")
 SINGLE_TEACHER = "teacher"  # the name of the one teacher of `teacher.*` in metrics and messages
 
 
@@ -49,10 +52,12 @@ class TeacherConfig(ModelConfig):
     # row whose data source no teacher names. One teacher (`teacher.*`) scores every row.
     data_sources: list[str] = field(default_factory=list)
     default: bool = False
+    tokenizer: str = "same"  # same | cross | auto (TOKENIZER_MODES)
 
     def __post_init__(self):
         super().__post_init__()
         one_of("teacher.engine", self.engine, TEACHER_ENGINES)
+        one_of("teacher.tokenizer", self.tokenizer, TOKENIZER_MODES)
         check(self.url is None or self.engine == "sglang", "teacher.url", self.url,
               "names a served teacher's SGLang server: set teacher.engine=sglang, or teacher.url=null")
         check_url("teacher.url", self.url)
@@ -77,8 +82,8 @@ def _named_teacher(name: str, raw) -> TeacherConfig:
     except ConfigError as err:
         raise ConfigError(str(err).replace("teacher.", f"teachers.{name}.", 1)) from None
     except (OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(f"teachers.{name}: {str(err).splitlines()[0]} (a teacher takes the keys of "
-                          f"teacher.*: path, dtype, engine, parallel, url, sglang, data_sources, default)") from None
+        raise ConfigError(f"teachers.{name}: {str(err).splitlines()[0]} (a teacher takes the keys of teacher.*: "
+                          f"path, dtype, engine, parallel, url, sglang, data_sources, default, tokenizer)") from None
 
 
 def parse_teachers(raw) -> dict[str, TeacherConfig]:

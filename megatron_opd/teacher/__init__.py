@@ -7,9 +7,11 @@ from megatron_opd.teacher.megatron_teacher import MegatronTeacher
 from megatron_opd.teacher.routed import RoutedTeachers
 
 
-def make_teacher(cfg, teacher, key: str, dtype: str, vocab_size: int, student, student_vocab_shard: int) -> Teacher:
+def make_teacher(cfg, teacher, key: str, dtype: str, vocab_size: int, student, student_vocab_shard: int,
+                 cross=None, name: str = "teacher") -> Teacher:
     """Collective. One teacher of the run (`teacher`: its TeacherConfig, `key`: teacher or teachers.<name>), by
-    its engine: megatron (on the trainer's ranks) or sglang (its own server)."""
+    its engine: megatron (on the trainer's ranks) or sglang (its own server); `cross`: its tokenizer's
+    alignment with the student's (trainer/cross_rows.CrossTokens) when it has another."""
     from megatron_opd.config import divergence_temperature, teacher_layout
     from megatron_opd.parallel.own_layout import own_layout_dims
 
@@ -19,8 +21,18 @@ def make_teacher(cfg, teacher, key: str, dtype: str, vocab_size: int, student, s
         return ServedTeacher(cfg, teacher, student, vocab_size, key)
     layout = teacher_layout(cfg, teacher)
     own_dims = None if layout is None else own_layout_dims(layout, student)
-    return MegatronTeacher(teacher.path, dtype, student, own_dims, cfg.actor, divergence_temperature(cfg),
-                           vocab_size, student_vocab_shard)
+    if cross is None:
+        return MegatronTeacher(teacher.path, dtype, student, own_dims, cfg.actor, divergence_temperature(cfg),
+                               vocab_size, student_vocab_shard)
+    from megatron_opd.models import load_arch
+    from megatron_opd.teacher.cross import CrossTokenizerTeacher
+
+    # whole sequences of its own ids, in its own layout or the student's; over its own vocabulary
+    inner = MegatronTeacher(teacher.path, dtype, student, own_dims or student, cfg.actor,
+                            divergence_temperature(cfg), min(len(cross.teacher), load_arch(teacher.path).vocab_size),
+                            student_vocab_shard)
+    pad = cross.tokenizer.pad_token_id
+    return CrossTokenizerTeacher(inner, name, cross.teacher_end if pad is None else pad)
 
 
 __all__ = ["MegatronTeacher", "RoutedTeachers", "Teacher", "make_teacher"]

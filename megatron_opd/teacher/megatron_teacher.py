@@ -90,6 +90,14 @@ class MegatronTeacher(Teacher):
             for m, values in zip(wanted, kept):
                 out[m] = values
             return out
+        held, mine = self.whole_outputs(batch, rows)
+        out, self.bytes_moved = deliver(held, mine if held else None, self.fields, self.student,
+                                        student_micro_batches, batch.size, batch.tokens.shape[1])
+        return out
+
+    def whole_outputs(self, batch, rows=None) -> tuple[dict, tuple]:
+        """Collective over the teacher's layout: its data-parallel share of `batch`'s sequences, whole, run;
+        (their outputs as whole rows on the ranks that hold them ({} elsewhere), the share's rows [first, end))."""
         dims, length = self.dims, batch.tokens.shape[1]
         share = batch.size // dims.dp_size
         mine = (dims.dp_rank * share, (dims.dp_rank + 1) * share)
@@ -97,11 +105,9 @@ class MegatronTeacher(Teacher):
                                                   self.actor.max_tokens_per_micro_batch, dims.config.sequence_multiple)
                  if scores_any(mb, rows)]
         kept = self._pass(micro) if micro else []
-        holds = holds_outputs(dims)
-        held = whole_rows(kept, micro, self.fields, mine[0], share, length, self.student.device) if holds else {}
-        out, self.bytes_moved = deliver(held, mine if holds else None, self.fields, self.student,
-                                        student_micro_batches, batch.size, length)
-        return out
+        if not holds_outputs(dims):
+            return {}, mine
+        return whole_rows(kept, micro, self.fields, mine[0], share, length, self.student.device), mine
 
 
 def scores_any(micro_batch, rows) -> bool:

@@ -30,6 +30,7 @@ class StepSamples:
     reward_advantages: Optional[list]  # per sequence, with reward.fn set: its reward minus its prompt's mean
     metrics: dict
     teacher_index: Optional[list] = None  # per sequence, with several teachers: its teacher's, by data source
+    cross: Optional[dict] = None  # teacher name -> its CrossView (trainer/cross_rows.py), teachers of another tokenizer
 
     def batch(self, pad_id: int, device, multiple: int) -> TokenBatch:
         return build_batch([p for p, _ in self.pairs], [r for _, r in self.pairs], pad_id, device, multiple,
@@ -129,8 +130,34 @@ def step_samples(run, cfg, step: int, items: list[dict]) -> StepSamples:
         advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64, device=run.dims.device), n).tolist()
     teachers = None if run.routing is None else [run.routing.index_of(item["data_source"]) for item in items
                                                  for _ in range(n)]
+    cross = None
+    if run.cross:
+        cross, cross_metrics = broadcast(_cross_views(run, items, pairs, logprobs, n) if run.dims.rank == 0 else None)
+        metrics.update(cross_metrics)
+        masks = _aligned_only(masks, pairs, cross)
     return StepSamples(pairs, [i in own for i in range(len(items)) for _ in range(n)], masks, logprobs, rewards,
-                       advantages, metrics, teachers)
+                       advantages, metrics, teachers, cross)
+
+
+def _cross_views(run, items: list[dict], pairs: list, logprobs: list, n: int) -> tuple[dict, dict]:
+    """Rank 0: each cross teacher's view of the step's sequences and their xtok/* metrics (one teacher: as they
+    are; the student's own log-probs, where the pg form keeps them, split a span's value over its tokens)."""
+    prompts = [item["raw_prompt"] for item in items for _ in range(n)]
+    views, metrics = {}, {}
+    for name, tokens in run.cross.items():
+        views[name], metrics = tokens.view(prompts, pairs, logprobs)
+    return views, metrics
+
+
+def _aligned_only(masks: list, pairs: list, cross: dict) -> list:
+    """No loss on a response's tokens past those a cross teacher has values for (a character left unfinished)."""
+    out = []
+    for k, (mask, (_, response)) in enumerate(zip(masks, pairs)):
+        aligned = min(view.aligned[k] for view in cross.values())
+        if aligned < len(response):
+            mask = [m if j < aligned else 0.0 for j, m in enumerate(mask or [1.0] * len(response))]
+        out.append(mask)
+    return out
 
 
 def dump_rollouts(directory: str, step: int, samples: StepSamples, tokenizer) -> None:

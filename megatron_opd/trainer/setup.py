@@ -13,6 +13,7 @@ from megatron_opd.config import (
 from megatron_opd.data.prompt_dataset import PromptDataset
 from megatron_opd.data.sampler import PromptSampler
 from megatron_opd.data.scorers import mean_score
+from megatron_opd.loss.kinds import SAMPLED_KINDS
 from megatron_opd.models import RouterLoss, load_arch, padded_vocab_size
 from megatron_opd.models.batch import response_loss_mask
 from megatron_opd.parallel import DeviceError, ParallelConfig, current_device, initialize_model_parallel
@@ -25,7 +26,8 @@ from megatron_opd.teacher import RoutedTeachers, make_teacher
 from megatron_opd.trainer import checkpoint
 from megatron_opd.trainer.metrics import Metrics
 from megatron_opd.trainer.optim import wrap_and_build_optimizer
-from megatron_opd.trainer.vocab import load_tokenizer, shared_vocab_size
+from megatron_opd.trainer.cross_rows import cross_tokens
+from megatron_opd.trainer.vocab import load_tokenizer, shared_vocab_size, tokenizer_mode
 from megatron_opd.trainer.weight_push import push_weights
 
 
@@ -41,8 +43,13 @@ def _check_teacher(cfg: OPDConfig, teacher, key: str, world_size: int, tokenizer
     """A teacher fits its layout and shares the student's tokenizer; returns the vocabulary size they share and
     its arch where it sits in the student's layout (None elsewhere)."""
     arch = load_arch(teacher.path)
-    shared = min(arch.vocab_size, shared_vocab_size(tokenizer, load_tokenizer(teacher.path, f"{key}.path"),
-                                                    cfg.student.path, teacher.path, key))
+    teacher_tokenizer = load_tokenizer(teacher.path, f"{key}.path")
+    if tokenizer_mode(teacher, key, tokenizer, teacher_tokenizer, cfg.student.path) == "same":
+        shared = min(arch.vocab_size, shared_vocab_size(tokenizer, teacher_tokenizer, cfg.student.path, teacher.path,
+                                                        key))
+    else:
+        _check_cross(cfg, teacher, key)
+        shared = None  # its own vocabulary: nothing of the student's is cut
     if teacher.engine != "megatron":
         _check_served(arch, f"{key}.engine={teacher.engine}", teacher.path)
         return shared, None
@@ -58,6 +65,23 @@ def _check_teacher(cfg: OPDConfig, teacher, key: str, world_size: int, tokenizer
                           f"the step's {sequences} sequences, which must be a whole multiple of "
                           f"actor.micro_batch_size={cfg.actor.micro_batch_size}")
     return shared, arch if layout is None else None
+
+
+def _check_cross(cfg: OPDConfig, teacher, key: str) -> None:
+    """What a teacher of another tokenizer does not do yet, refused by name."""
+    problems = [
+        (teacher.engine != "megatron", f"{key}.engine={teacher.engine}", "a served teacher"),
+        (cfg.actor.kl_loss_type not in SAMPLED_KINDS, f"actor.kl_loss_type={cfg.actor.kl_loss_type}",
+         f"full-distribution and top-k kinds (the sampled kinds {'|'.join(SAMPLED_KINDS)} and the pg form run)"),
+        (cfg.rollout.env is not None, f"rollout.env={cfg.rollout.env}", "conversations with an environment"),
+        (cfg.parallel.context > 1, f"parallel.context={cfg.parallel.context}", "context parallelism"),
+        (bool(cfg.teachers), "teachers", "several teachers"),
+    ]
+    for refused, where, what in problems:
+        if refused:
+            raise ConfigError(f"{where}: {key}.tokenizer resolves to cross ({teacher.path} has another tokenizer than "
+                              f"the student), which does not support {what} yet; use a teacher of the student's "
+                              f"tokenizer for it")
 
 
 def _check_served(arch, key: str, path: str) -> None:
@@ -95,7 +119,7 @@ def check_layout_and_vocab(cfg: OPDConfig, world_size: int):
         for name, teacher in run_teachers(cfg).items():
             shared, arch = _check_teacher(cfg, teacher, teacher_key(cfg, name), world_size, tokenizer, sequences,
                                           micro)
-            vocab_size = min(vocab_size, shared)
+            vocab_size = min(vocab_size, shared) if shared is not None else vocab_size
             colocated += [arch] if arch is not None else []
     if cfg.parallel.expert > 1 and not any(arch.moe for arch in colocated):
         raise ConfigError(f"parallel.expert={cfg.parallel.expert}: no model in the student's layout has experts "
@@ -137,6 +161,8 @@ class Run:
 
         self.cfg = cfg
         self.arch, self.tokenizer, self.vocab_size = check_layout_and_vocab(cfg, dist.get_world_size())
+        # teachers of another tokenizer, by name; each says so at start-up
+        self.cross = cross_tokens(cfg, self.tokenizer, announce=dist.get_rank() == 0)
         self.student_dtype = model_dtype(cfg.student, "student")
         teacher_dtypes = ({name: model_dtype(t, teacher_key(cfg, name)) for name, t in run_teachers(cfg).items()
                            if t.engine == "megatron"} if cfg.trainer.mode == "distill" else {})
@@ -188,7 +214,7 @@ class Run:
         try:
             for name, teacher in run_teachers(cfg).items():
                 built[name] = make_teacher(cfg, teacher, teacher_key(cfg, name), dtypes.get(name), self.vocab_size,
-                                           self.dims, shard)
+                                           self.dims, shard, cross=self.cross.get(name), name=name)
         except BaseException:
             for teacher in built.values():
                 teacher.close()

@@ -51,5 +51,20 @@ def shared_vocab_size(student_tokenizer, teacher_tokenizer, student_path: str, t
     if problems:
         raise ConfigError(f"student.path={student_path} and {teacher_key}.path={teacher_path} do not share a "
                           f"tokenizer: {'; '.join(problems)}. On-policy distillation compares their distributions "
-                          f"token by token: use a teacher with the student's tokenizer")
+                          f"token by token: use a teacher with the student's tokenizer, or set "
+                          f"{teacher_key}.tokenizer=cross (aligned by text; auto: whichever fits)")
     return size
+
+
+def tokenizer_mode(teacher, key: str, student_tokenizer, teacher_tokenizer, student_path: str) -> str:
+    """teacher.tokenizer resolved: same (ids compared directly: the check above, its error when it fails) or
+    cross (aligned by text); auto is same where the check passes."""
+    if teacher.tokenizer == "cross":
+        return "cross"
+    try:
+        shared_vocab_size(student_tokenizer, teacher_tokenizer, student_path, teacher.path, key)
+        return "same"
+    except ConfigError:
+        if teacher.tokenizer == "same":
+            raise
+        return "cross"

@@ -45,26 +45,38 @@ def _end(ends: list, count: int) -> int:
     return ends[count - 1] if count else 0
 
 
-def span_values(spans: Sequence[Span], teacher_values: Sequence[float],
-                student_weights: Optional[Sequence[float]] = None) -> list[float]:
-    """The teacher's per-token log-probs moved to the student's tokens: each span's total (their sum over its
-    teacher tokens) split over its student tokens in proportion to `student_weights` (the student's own
-    log-probs of them), evenly where there are none or they sum to ~0. A span of one student token gets its
-    total whole, exact by the chain rule; so every span's student values sum to its teacher total."""
-    count = spans[-1].student[1] if spans else 0
-    out = [0.0] * count
+def span_shares(spans: Sequence[Span], student_weights: Optional[Sequence[float]] = None) -> list[float]:
+    """Per student token, its share of its span's teacher total: in proportion to `student_weights` (the
+    student's own log-probs of its tokens), evenly where there are none or they sum to ~0. Every span's shares
+    sum to 1; a span of one student token takes its total whole, exact by the chain rule."""
+    shares = [0.0] * (spans[-1].student[1] if spans else 0)
     for span in spans:
-        total = sum(teacher_values[span.teacher[0]:span.teacher[1]])
         tokens = range(*span.student)
-        if not tokens:
-            continue
         weights = [student_weights[t] for t in tokens] if student_weights is not None else None
         if weights is None or abs(sum(weights)) < 1e-6:
             weights = [1.0] * len(tokens)
-        scale = total / sum(weights)
         for t, w in zip(tokens, weights):
-            out[t] = w * scale
-    return out
+            shares[t] = w / sum(weights)
+    return shares
+
+
+def span_index(spans: Sequence[Span]) -> tuple[list[int], list[int]]:
+    """(the span of each teacher token, the span of each student token), the spans numbered in order."""
+    teacher = [k for k, span in enumerate(spans) for _ in range(*span.teacher)]
+    student = [k for k, span in enumerate(spans) for _ in range(*span.student)]
+    return teacher, student
+
+
+def span_values(spans: Sequence[Span], teacher_values: Sequence[float],
+                student_weights: Optional[Sequence[float]] = None) -> list[float]:
+    """The teacher's per-token log-probs moved onto the student's tokens: each span's total (their sum over its
+    teacher tokens) times each student token's share (`span_shares`); every span's student values sum to its
+    teacher total."""
+    of_teacher, of_student = span_index(spans)
+    totals = [0.0] * len(spans)
+    for k, value in zip(of_teacher, teacher_values):
+        totals[k] += value
+    return [totals[k] * share for k, share in zip(of_student, span_shares(spans, student_weights))]
 
 
 @dataclass(frozen=True)

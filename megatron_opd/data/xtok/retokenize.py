@@ -29,16 +29,14 @@ class CrossResponse:
 def teacher_response(student_ids: Sequence[int], student: ByteVocab, student_ends: Sequence[int],
                      teacher_tokenizer, teacher: ByteVocab, teacher_end: int, teacher_prompt_text: str,
                      encode_kwargs: dict) -> CrossResponse:
-    """`student_ids`: a sampled response (its end token, one of `student_ends`, last if it ended). Raises
-    ValueError naming the token for a special token inside the response."""
+    """`student_ids`: a sampled response (its end token, one of `student_ends`, last if it ended). Aligned up to
+    the first token no other tokenizer can write: a special token inside the response (only the end of the
+    turn is matched, by role), or a character left unfinished."""
     ids = list(student_ids)
     ended = bool(ids) and ids[-1] in student_ends
     body = ids[:-1] if ended else ids
-    inside = [i for i in body if i in student.special]
-    if inside:
-        raise ValueError(f"a student response holds the special token id {inside[0]} before its end: with a "
-                         f"teacher of another tokenizer only the end of the turn is matched by role")
-    pieces = student.text_bytes(body)
+    inside = next((k for k, i in enumerate(body) if i in student.special), len(body))
+    pieces = student.text_bytes(body[:inside])
     aligned = _complete_characters(pieces)
     text = b"".join(pieces[:aligned]).decode()
     prompt_ids = teacher_tokenizer.encode(teacher_prompt_text, **encode_kwargs)

@@ -81,8 +81,9 @@ def test_a_response_cut_inside_a_character_aligns_up_to_it(student):
     assert b"".join(ByteVocab.of(teacher_tokenizer).text_bytes(cross.teacher_response_ids)) == b" ab "
 
 
-def test_a_special_token_inside_the_response_is_refused(student):
-    inside = student.encode("ab", add_special_tokens=False) + [student.convert_tokens_to_ids("<|im_start|>")]
-    with pytest.raises(ValueError, match="special token id"):
-        teacher_response(inside + [student.eos_token_id], ByteVocab.of(student), [student.eos_token_id], student,
-                         ByteVocab.of(student), student.eos_token_id, "", {})
+def test_a_special_token_inside_the_response_ends_what_is_aligned(student):
+    text = student.encode("ab c", add_special_tokens=False)
+    inside = text + [student.convert_tokens_to_ids("<|im_start|>")] + text + [student.eos_token_id]
+    cross = teacher_response(inside, ByteVocab.of(student), [student.eos_token_id], student, ByteVocab.of(student),
+                             student.eos_token_id, "", {"add_special_tokens": False})
+    assert cross.aligned == len(text) and cross.teacher_response_ids == text  # no end token: the turn did not end
