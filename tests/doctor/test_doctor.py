@@ -69,6 +69,15 @@ def test_another_tokenizer_fails_naming_both_paths(distill_setup, tmp_path):
     assert "do not share a tokenizer" in finding.message
 
 
+def test_a_cross_teacher_is_reported_with_what_it_shares(distill_setup, tmp_path):
+    teacher = write_tiny_checkpoint(str(tmp_path / "other"), "qwen2", seed=2, tokenizer=train_tokenizer(OTHER_CORPUS))
+    finding = only(run_doctor(config(distill_setup, f"teacher.path={teacher}", "teacher.tokenizer=auto"),
+                              ("vocab",)), "vocab")
+    assert finding.status == OK and finding.details["tokenizer_mode"] == "cross"
+    assert 0 < finding.details["shared_vocab_share"] < 1 and not finding.details["renumbered"]
+    assert "teacher.tokenizer=auto: cross" in finding.message
+
+
 def with_chat_template(source: str, out: str, template: str) -> str:
     """A copy of `source` whose tokenizer_config.json holds `template` as its chat template."""
     shutil.copytree(source, out)

@@ -6,7 +6,8 @@ from megatron_opd.data.chat import encode_prompt
 from megatron_opd.data.sources import open_source
 from megatron_opd.doctor.report import FAIL, OK, WARN, Finding, worst
 from megatron_opd.models import load_arch
-from megatron_opd.trainer.vocab import load_tokenizer, shared_vocab_size
+from megatron_opd.trainer.cross_rows import CrossTokens
+from megatron_opd.trainer.vocab import load_tokenizer, shared_vocab_size, tokenizer_mode
 
 CHECK = "vocab"
 SPECIAL_IDS = ("eos_token_id", "pad_token_id", "bos_token_id")
@@ -40,7 +41,9 @@ def _pair(cfg, student, prompt, name: str, teacher) -> Finding:
     s_tok, s_rows = student
     try:
         t_tok, t_rows = _model(t_path, key)
-        shared = shared_vocab_size(s_tok, t_tok, s_path, t_path)
+        if tokenizer_mode(teacher, key, s_tok, t_tok, s_path) == "cross":
+            return _cross(key, teacher, name, s_tok, t_tok, s_path)
+        shared = shared_vocab_size(s_tok, t_tok, s_path, t_path, key)
     except ConfigError as err:
         return Finding(CHECK, FAIL, f"{key}.path: {err}", name)
     statuses, notes, problems = [], [], []
@@ -102,3 +105,15 @@ def vocab_size(findings: list):
     sizes = [f.details.get("vocab_size") for f in findings]
     return None if not sizes or None in sizes or any(f.status == FAIL for f in findings) else min(sizes)
 
+
+
+def _cross(key: str, teacher, name: str, s_tok, t_tok, s_path: str) -> Finding:
+    """A teacher of another tokenizer (teacher.tokenizer cross, or auto on differing tokenizers): its responses
+    are aligned by text, so what matters is that both vocabularies read as bytes, and how much they share."""
+    cross = CrossTokens(s_tok, t_tok, s_path, teacher.path, key)  # ConfigError: a vocabulary it cannot read
+    renumbered = "; the same strings numbered apart: the student's ids are renumbered" if cross.renumbered else ""
+    return Finding(CHECK, OK, f"{key}.tokenizer={teacher.tokenizer}: cross, {cross.shared.share:.1%} of the "
+                              f"student's vocabulary shared by bytes{renumbered}; responses are aligned by text "
+                              f"(xtok/* metrics)", name,
+                   {"tokenizer_mode": "cross", "shared_vocab_share": cross.shared.share,
+                    "renumbered": cross.renumbered})
