@@ -140,8 +140,8 @@ def step_samples(run, cfg, step: int, items: list[dict]) -> StepSamples:
 
 
 def _cross_views(run, items: list[dict], pairs: list, logprobs: list, n: int) -> tuple[dict, dict]:
-    """Rank 0: each cross teacher's view of the step's sequences and their xtok/* metrics (one teacher: as they
-    are; the student's own log-probs, where the pg form keeps them, split a span's value over its tokens)."""
+    """Rank 0: each cross teacher's view of the step's sequences and their xtok/* metrics; where the pg form keeps
+    the student's own log-probs, they split each span's teacher value over its tokens."""
     prompts = [item["raw_prompt"] for item in items for _ in range(n)]
     views, metrics = {}, {}
     for name, tokens in run.cross.items():
@@ -150,7 +150,8 @@ def _cross_views(run, items: list[dict], pairs: list, logprobs: list, n: int) ->
 
 
 def _aligned_only(masks: list, pairs: list, cross: dict) -> list:
-    """No loss on a response's tokens past those a cross teacher has values for (a character left unfinished)."""
+    """No loss on a response's tokens past those a cross teacher has values for (from a special token inside it or
+    a byte that starts no character on)."""
     out = []
     for k, (mask, (_, response)) in enumerate(zip(masks, pairs)):
         aligned = min(view.aligned[k] for view in cross.values())
