@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from megatron_opd.config import ConfigError, run_teachers, teacher_key
 from megatron_opd.data.chat import encode_kwargs, render_prompt
-from megatron_opd.data.xtok import ByteVocab, SharedVocab, Span, span_index, span_shares, teacher_response
+from megatron_opd.data.xtok import AlignStats, ByteVocab, SharedVocab, Span, span_index, span_shares, teacher_response
 
 
 @dataclass
@@ -60,9 +60,9 @@ class CrossTokens:
             view.span_of_student.append(of_student)
             view.shares.append(span_shares(spans, weights))
             view.aligned.append(len(of_student))
+            stats = AlignStats.of(spans)
             tokens += len(response)
-            one_to_one += sum(1 for s in spans if s.one_to_one)
-            split += sum(max(s.student[1] - s.student[0] - 1, 0) for s in spans)
+            one_to_one, split = one_to_one + stats.one_to_one, split + stats.split_boundary
         count = max(tokens, 1)  # of the student's response tokens: with a teacher value, in 1:1 spans, a share
         metrics = {"xtok/aligned_share": sum(view.aligned) / count, "xtok/one_to_one_share": one_to_one / count,
                    "xtok/split_boundary_share": split / count, "xtok/shared_vocab_share": self.shared.share}
