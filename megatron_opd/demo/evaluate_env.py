@@ -73,31 +73,27 @@ def assistant_turns(conversation: Conversation, tokenizer) -> list[str]:
     return turns
 
 
-def wrong_move(start, goal, turns: list[str]) -> bool:
-    """Whether a turn's move does not bring the walker closer to the goal, up to the goal or the first turn
-    that is not one move (where the environment ends the walk)."""
-    position = start
+def walked(start, goal, turns: list[str]) -> list[tuple]:
+    """(position before, move) of each turn, up to the goal or the first turn that is not one move (where the
+    environment ends the walk)."""
+    position, steps = start, []
     for turn in turns:
         moves = parse_moves(turn)
-        if moves is None or len(moves) != 1:
-            return False
-        before, position = position, next_position(position, moves[0])
-        if distance(position, goal) >= distance(before, goal):
-            return True
-    return False
+        if moves is None or len(moves) != 1 or position == goal:
+            break
+        steps.append((position, moves[0]))
+        position = next_position(position, moves[0])
+    return steps
+
+
+def wrong_move(start, goal, turns: list[str]) -> bool:
+    """Whether a turn's move does not bring the walker closer to the goal."""
+    return any(distance(next_position(at, move), goal) >= distance(at, goal) for at, move in walked(start, goal, turns))
 
 
 def oracle_moves(start, goal, turns: list[str]) -> list[str]:
-    """The oracle's move (across_first) at the state each turn starts from, up to the first turn that is not
-    one move (where the environment ends the walk)."""
-    position, moves = start, []
-    for turn in turns:
-        written = parse_moves(turn)
-        if written is None or len(written) != 1 or position == goal:
-            break
-        moves.append(across_first(position, goal))
-        position = next_position(position, written[0])
-    return moves
+    """The oracle's move (across_first) at the state each turn starts from."""
+    return [across_first(at, goal) for at, _ in walked(start, goal, turns)]
 
 
 def limits(task: Task) -> ConversationLimits:
