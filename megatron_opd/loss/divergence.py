@@ -31,12 +31,18 @@ class _DivergenceKernel(ChunkKernel):
         return (shifted_logits(student, maxes[:, 0], self.inv_temperature),
                 shifted_logits(teacher, maxes[:, 1], self.inv_temperature), maxes)
 
-    def true_columns(self, teacher, rows):  # [C, v]
-        """The teacher's logits of the chunk: a slice of its logits, or hidden [C, H] @ weight[:v].T."""
+    def true_columns(self, teacher, rows, student):  # [C, v]
+        """The teacher's logits of the chunk: a slice of its logits, or hidden [C, H] @ weight[:v].T; a teacher
+        of another vocabulary (loss/shared_vocab.py) also brings which columns it shares and, per token, the shift
+        that makes the student's logits `student` [C, v] its completion on the others."""
         if len(teacher) == 1:
             return teacher[0][rows, :self.shard.valid]
-        hidden, weight = teacher
-        return hidden[rows] @ weight[:self.shard.valid].T
+        hidden, weight, *completion = teacher
+        columns = hidden[rows] @ weight[:self.shard.valid].T
+        if not completion:
+            return columns
+        shared, shift = completion
+        return torch.where(shared, columns, student + shift[rows].to(student.dtype).unsqueeze(-1))
 
     def normalisers(self, z_a, z_b, *partial_sums):
         """Global z_a, log z_a and log z_b - log z_a from the local sums [C], plus the summed `partial_sums`.
@@ -56,7 +62,8 @@ class _KLKernel(_DivergenceKernel):
         self.student_is_p = student_is_p
 
     def forward_chunk(self, rows, student, *teacher):
-        x_s, x_t, maxes = self.shifted(student[rows], self.true_columns(teacher, rows))
+        chunk = student[rows]
+        x_s, x_t, maxes = self.shifted(chunk, self.true_columns(teacher, rows, chunk))
         x_p, x_q = (x_s, x_t) if self.student_is_p else (x_t, x_s)
         exp_p = x_p.exp()
         scratch = torch.exp(x_q)
@@ -72,14 +79,15 @@ class _KLKernel(_DivergenceKernel):
     def backward_chunk(self, rows, student, stats, grad_out, out, *teacher):
         scale = (grad_out * self.inv_temperature).to(self.dtype).unsqueeze(-1)
         inv_t = self.inv_temperature
-        log_p_s = shifted_logits(student[rows], stats[:, 0], inv_t, stats[:, 1])
+        chunk = student[rows]
+        log_p_s = shifted_logits(chunk, stats[:, 0], inv_t, stats[:, 1])
         if self.student_is_p:
-            log_p_t_plus_kl = shifted_logits(self.true_columns(teacher, rows), stats[:, 2], inv_t,
+            log_p_t_plus_kl = shifted_logits(self.true_columns(teacher, rows, chunk), stats[:, 2], inv_t,
                                              stats[:, 3] - stats[:, 4])
             delta = torch.sub(log_p_s, log_p_t_plus_kl, out=log_p_t_plus_kl)
             torch.mul(log_p_s.exp_().mul_(delta), scale, out=out)
         else:
-            p_t = shifted_logits(self.true_columns(teacher, rows), stats[:, 2], inv_t, stats[:, 3]).exp_()
+            p_t = shifted_logits(self.true_columns(teacher, rows, chunk), stats[:, 2], inv_t, stats[:, 3]).exp_()
             torch.mul(log_p_s.exp_().sub_(p_t), scale, out=out)
 
 
@@ -98,7 +106,8 @@ class _JSDKernel(_DivergenceKernel):
         return h.add_(log_ratio.clamp(min=0))
 
     def forward_chunk(self, rows, student, *teacher):
-        x_s, x_t, maxes = self.shifted(student[rows], self.true_columns(teacher, rows))
+        chunk = student[rows]
+        x_s, x_t, maxes = self.shifted(chunk, self.true_columns(teacher, rows, chunk))
         exp_s, exp_t = x_s.exp(), x_t.exp()
         z_s, log_z_s, log_z_t_minus_s = self.normalisers(exp_s.sum(-1), exp_t.sum(-1))
         z_t = z_s * log_z_t_minus_s.exp()
@@ -114,8 +123,10 @@ class _JSDKernel(_DivergenceKernel):
 
     def backward_chunk(self, rows, student, stats, grad_out, out, *teacher):
         scale = (grad_out * (-(1.0 - self.beta) * self.inv_temperature)).to(self.dtype).unsqueeze(-1)
-        log_p_s = shifted_logits(student[rows], stats[:, 0], self.inv_temperature, stats[:, 1])
-        log_p_t = shifted_logits(self.true_columns(teacher, rows), stats[:, 2], self.inv_temperature, stats[:, 3])
+        chunk = student[rows]
+        log_p_s = shifted_logits(chunk, stats[:, 0], self.inv_temperature, stats[:, 1])
+        log_p_t = shifted_logits(self.true_columns(teacher, rows, chunk), stats[:, 2], self.inv_temperature,
+                                 stats[:, 3])
         h = self.log_mix_ratio(log_p_t.sub_(log_p_s))
         h.sub_(stats[:, 4].unsqueeze(-1))
         torch.mul(log_p_s.exp_().mul_(h), scale, out=out)

@@ -28,11 +28,12 @@ def make_teacher(cfg, teacher, key: str, dtype: str, vocab_size: int, student, s
     from megatron_opd.teacher.cross import CrossTokenizerTeacher
 
     # whole sequences of its own ids, in its own layout or the student's; over its own vocabulary
-    inner = MegatronTeacher(teacher.path, dtype, student, own_dims or student, cfg.actor,
-                            divergence_temperature(cfg), min(len(cross.teacher), load_arch(teacher.path).vocab_size),
-                            student_vocab_shard)
+    own_vocab = min(len(cross.teacher), load_arch(teacher.path).vocab_size)
+    inner = MegatronTeacher(teacher.path, dtype, student, own_dims or student, cfg.actor, divergence_temperature(cfg),
+                            own_vocab, student_vocab_shard, unshared=cross.shared.unshared_teacher(own_vocab))
     pad = cross.tokenizer.pad_token_id
-    return CrossTokenizerTeacher(inner, name, cross.teacher_end if pad is None else pad)
+    return CrossTokenizerTeacher(inner, name, cross.teacher_end if pad is None else pad,
+                                 cross.shared.student_to_teacher, student_vocab_shard)
 
 
 __all__ = ["MegatronTeacher", "RoutedTeachers", "Teacher", "make_teacher"]

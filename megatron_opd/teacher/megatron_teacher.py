@@ -14,6 +14,7 @@ import torch
 
 from checkpoint_tools.pretrained import load_pretrained
 from megatron_opd.loss.kinds import FULL_KINDS
+from megatron_opd.loss.shared_vocab import teacher_log_masses
 from megatron_opd.models.batch import split_micro_batches
 from megatron_opd.models.head import final_hidden_states, output_weight
 from megatron_opd.models.pipeline import forward_pass
@@ -30,9 +31,11 @@ def holds_outputs(dims: ParallelDims) -> bool:
 
 class MegatronTeacher(Teacher):
     def __init__(self, path: str, dtype: str, student: ParallelDims, own_dims: Optional[ParallelDims], actor,
-                 temperature: float, vocab_size: int, student_vocab_shard: int):
+                 temperature: float, vocab_size: int, student_vocab_shard: int, unshared=None):
         """Collective. `own_dims`: the teacher's own layout (None: co-located, in the student's); `vocab_size`:
-        the vocabulary both tokenizers share."""
+        the vocabulary both tokenizers share. `unshared` [vocab_size] bool: a teacher of another tokenizer (its own
+        vocabulary), the ids whose string the student's has not; for the full kinds it keeps beside its hidden
+        states its log-normaliser and the mass of those (loss/shared_vocab.py), and cuts no head itself."""
         super().__init__(student)
         self.kind, self.topk, self.temperature, self.vocab_size = actor.kl_loss_type, actor.topk, temperature, vocab_size
         self.actor = actor
@@ -43,7 +46,21 @@ class MegatronTeacher(Teacher):
             self.chunks[0].config.variable_seq_lengths = True
         self.dtype = self.chunks[0].config.params_dtype
         self.fields = output_fields(self.kind, self.topk, self.arch.hidden_size, self.dtype)
-        self.head_weight = self._head_for_student(student_vocab_shard) if self.kind in FULL_KINDS else None
+        self.unshared = None
+        if unshared is not None and self.kind in FULL_KINDS:
+            self.unshared = self._own_shard(unshared)
+            self.fields["log_masses"] = ((2,), torch.float32)
+        full_head = self.kind in FULL_KINDS and unshared is None
+        self.head_weight = self._head_for_student(student_vocab_shard) if full_head else None
+
+    def _own_shard(self, columns: torch.Tensor) -> torch.Tensor:
+        """This TP rank's part of a [vocab_size] mask, as its output-layer shard's rows (False past the vocabulary)."""
+        rows = output_weight(self.chunks[-1]).shape[0] if self.dims.is_last_stage else 0
+        start = self.dims.tp_rank * rows
+        out = torch.zeros(rows, dtype=torch.bool, device=self.student.device)
+        piece = columns[start:start + rows]
+        out[:piece.shape[0]] = piece.to(out.device)
+        return out
 
     def _head_for_student(self, shard: int):
         """Collective. The teacher's output-layer rows of the student's vocabulary shard [V/TP_s, H_t] on the
@@ -72,6 +89,11 @@ class MegatronTeacher(Teacher):
         full = self.kind in FULL_KINDS
 
         def keep(output, batch):
+            if full and self.unshared is not None:
+                hidden = output.detach()
+                return {"hidden": hidden, "log_masses": teacher_log_masses(
+                    hidden, output_weight(self.chunks[-1]).detach(), self.unshared, self.temperature,
+                    self.dims.tp_group, self.vocab_size).float()}
             if full:
                 return {"hidden": output.detach()}
             return per_token_values(output, batch.labels, self.kind, self.topk, self.temperature, self.vocab_size,

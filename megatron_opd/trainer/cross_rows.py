@@ -20,6 +20,7 @@ class CrossView:
     span_of_student: list  # per aligned student response token, its span
     shares: list  # per aligned student response token, its share of its span's teacher total
     aligned: list  # the student's response tokens with a teacher value (a tail past them has none: no loss)
+    one_to_one: list  # (student token, teacher token) of each span of one token each: full kinds compare there
 
 
 class CrossTokens:
@@ -40,7 +41,7 @@ class CrossTokens:
         """`prompts`: per sequence its messages (raw_prompt); `pairs`: the student's (prompt ids, response ids);
         `student_weights`: per sequence the student's log-probs of its response tokens, or None (split evenly).
         Returns the view and the step's xtok/* metrics."""
-        view = CrossView([], [], [], [], [], [], [])
+        view = CrossView([], [], [], [], [], [], [], [])
         tokens = one_to_one = split = 0
         for messages, (prompt, response), weights in zip(prompts, pairs, student_weights):
             if self.renumbered:
@@ -60,6 +61,7 @@ class CrossTokens:
             view.span_of_student.append(of_student)
             view.shares.append(span_shares(spans, weights))
             view.aligned.append(len(of_student))
+            view.one_to_one.append([(span.student[0], span.teacher[0]) for span in spans if span.one_to_one])
             stats = AlignStats.of(spans)
             tokens += len(response)
             one_to_one, split = one_to_one + stats.one_to_one, split + stats.split_boundary

@@ -20,6 +20,7 @@ from megatron_opd.loss import (
     fused_linear_log_probs, sampled_token_kl)
 from megatron_opd.loss.kinds import FULL_KINDS, SAMPLED_KINDS
 from megatron_opd.loss.policy_gradient import clipped_surrogate, kl_advantages, mismatch_weights
+from megatron_opd.loss.shared_vocab import SharedVocabHead, fused_linear_shared_vocab_divergence
 from megatron_opd.loss.topk import topk_bucket_divergence
 from megatron_opd.models.batch import TokenBatch
 from megatron_opd.teacher.routed import RoutedTeachers, per_teacher
@@ -87,9 +88,12 @@ class Objective:
         def divergence(rows, teacher, head):
             hidden = inputs.hidden[rows]
             if kind in FULL_KINDS:
-                return fused_linear_divergence(hidden, inputs.weight, teacher["hidden"], head, kind=kind,
-                                               beta=self.actor.jsd_beta, temperature=self.temperature, group=self.group,
-                                               vocab_size=self.vocab_size)
+                full = dict(kind=kind, beta=self.actor.jsd_beta, temperature=self.temperature, group=self.group,
+                            vocab_size=self.vocab_size)
+                if isinstance(head, SharedVocabHead):  # a teacher of another tokenizer
+                    return fused_linear_shared_vocab_divergence(hidden, inputs.weight, teacher["hidden"], head,
+                                                                teacher["log_masses"], **full)
+                return fused_linear_divergence(hidden, inputs.weight, teacher["hidden"], head, **full)
             if kind in SAMPLED_KINDS:
                 student = (sampled_logprobs[rows] if sampled_logprobs is not None
                            else self.log_probs(hidden, inputs.weight, labels[rows]))

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_opd.atomic import write_text
 from megatron_opd.data.scorers import NO_REWARD, reward_function
+from megatron_opd.loss.kinds import FULL_KINDS
 from megatron_opd.loss.policy_gradient import group_advantages
 from megatron_opd.models.batch import TokenBatch, build_batch
 from megatron_opd.rollout.conversation import conversation_metrics
@@ -134,7 +135,7 @@ def step_samples(run, cfg, step: int, items: list[dict]) -> StepSamples:
     if run.cross:
         cross, cross_metrics = broadcast(_cross_views(run, items, pairs, logprobs, n) if run.dims.rank == 0 else None)
         metrics.update(cross_metrics)
-        masks = _aligned_only(masks, pairs, cross)
+        masks = _aligned_only(masks, pairs, cross, cfg.actor.kl_loss_type in FULL_KINDS)
     return StepSamples(pairs, [i in own for i in range(len(items)) for _ in range(n)], masks, logprobs, rewards,
                        advantages, metrics, teachers, cross)
 
@@ -149,14 +150,18 @@ def _cross_views(run, items: list[dict], pairs: list, logprobs: list, n: int) ->
     return views, metrics
 
 
-def _aligned_only(masks: list, pairs: list, cross: dict) -> list:
+def _aligned_only(masks: list, pairs: list, cross: dict, one_to_one: bool) -> list:
     """No loss on a response's tokens past those a cross teacher has values for (from a special token inside it or
-    a byte that starts no character on)."""
+    a byte that starts no character on); `one_to_one` (full kinds): none but on tokens that are a span alone on
+    both sides, where both models' next-token distributions follow the same text."""
     out = []
     for k, (mask, (_, response)) in enumerate(zip(masks, pairs)):
-        aligned = min(view.aligned[k] for view in cross.values())
-        if aligned < len(response):
-            mask = [m if j < aligned else 0.0 for j, m in enumerate(mask or [1.0] * len(response))]
+        keep = set(range(min(view.aligned[k] for view in cross.values())))
+        if one_to_one:
+            for view in cross.values():
+                keep &= {student for student, _ in view.one_to_one[k]}
+        if len(keep) < len(response):
+            mask = [m if j in keep else 0.0 for j, m in enumerate(mask or [1.0] * len(response))]
         out.append(mask)
     return out
 

@@ -13,7 +13,7 @@ from megatron_opd.config import (
 from megatron_opd.data.prompt_dataset import PromptDataset
 from megatron_opd.data.sampler import PromptSampler
 from megatron_opd.data.scorers import mean_score
-from megatron_opd.loss.kinds import SAMPLED_KINDS
+from megatron_opd.loss.kinds import FULL_KINDS, SAMPLED_KINDS, TOPK_KINDS, named
 from megatron_opd.models import RouterLoss, load_arch, padded_vocab_size
 from megatron_opd.models.batch import response_loss_mask
 from megatron_opd.parallel import DeviceError, ParallelConfig, current_device, initialize_model_parallel
@@ -71,8 +71,12 @@ def _check_cross(cfg: OPDConfig, teacher, key: str) -> None:
     """What a teacher of another tokenizer does not do yet, refused by name."""
     problems = [
         (teacher.engine != "megatron", f"{key}.engine={teacher.engine}", "a served teacher"),
-        (cfg.actor.kl_loss_type not in SAMPLED_KINDS, f"actor.kl_loss_type={cfg.actor.kl_loss_type}",
-         f"full-distribution and top-k kinds (the sampled kinds {'|'.join(SAMPLED_KINDS)} and the pg form run)"),
+        (cfg.actor.kl_loss_type in TOPK_KINDS, f"actor.kl_loss_type={cfg.actor.kl_loss_type}",
+         f"top-k kinds (the sampled kinds {named(SAMPLED_KINDS)} and the full kinds {named(FULL_KINDS)} run)"),
+        (cfg.actor.policy_loss == "pg" and cfg.actor.kl_loss_type in FULL_KINDS,
+         f"actor.policy_loss=pg with actor.kl_loss_type={cfg.actor.kl_loss_type}",
+         f"the pg form on a full kind (its advantages are sampled tokens' log-probs: use a sampled kind, "
+         f"{named(SAMPLED_KINDS)})"),
         (cfg.rollout.env is not None, f"rollout.env={cfg.rollout.env}", "conversations with an environment"),
         (cfg.parallel.context > 1, f"parallel.context={cfg.parallel.context}", "context parallelism"),
         (bool(cfg.teachers), "teachers", "several teachers"),

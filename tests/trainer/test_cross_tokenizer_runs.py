@@ -3,6 +3,8 @@ forked gloo workers (tests/runs.py). A teacher whose tokenizer is the student's 
 same model on other ids, tests/cross_tokenizer.py) gives the same-tokenizer teacher's run step by step, for
 sampled kinds and the policy-gradient form; what cross does not do yet is refused by name; auto says which
 way it went."""
+import json
+
 import pytest
 
 from megatron_opd.config import ConfigError
@@ -38,8 +40,8 @@ def renumbered(distill_setup, tmp_path_factory):
     return {**distill_setup, "teacher": permuted_checkpoint(distill_setup["teacher"], str(root / "teacher"))}
 
 
-@pytest.mark.parametrize("form", [("actor.kl_loss_type=low_var_kl",), ("actor.kl_loss_type=kl",),
-                                  ("actor.policy_loss=pg", "actor.kl_loss_type=kl")], ids=["low_var_kl", "kl", "pg"])
+@pytest.mark.parametrize("form", [("actor.kl_loss_type=low_var_kl",), ("actor.kl_loss_type=reverse",),
+                                  ("actor.policy_loss=pg", "actor.kl_loss_type=kl")], ids=["low_var_kl", "reverse", "pg"])
 def test_a_renumbered_teacher_gives_the_same_tokenizer_run(distill_setup, renumbered, tmp_path, form):
     same = train(distill_setup, tmp_path / "same", *STEPS, *form)
     cross = train(renumbered, tmp_path / "cross", *STEPS, *form, "teacher.tokenizer=cross")
@@ -64,6 +66,20 @@ def test_the_cross_tokenizer_run_at_two_processes_equals_one(llama_teacher, llam
     assert_same_curve(curve(tmp_path), curve(llama_one_process[0]))
 
 
+def test_a_full_kind_across_tokenizers_at_tp2_equals_one_process(llama_teacher, tmp_path):
+    """The shared-vocabulary divergence on 1:1 spans: the teacher's head cut to each student shard by string, its
+    hidden states and log-masses moved to the student's positions; no loss where a span is not 1:1."""
+    full = (*STEPS, *GIVEN, "actor.kl_loss_type=forward", "trainer.rollout_data_dir=${trainer.save_dir}/rollouts")
+    one = train(llama_teacher, tmp_path / "one", *full)
+    train(llama_teacher, tmp_path / "tp2", *full, "parallel.tensor=2", world_size=2)
+    assert_same_curve(curve(tmp_path / "tp2"), curve(tmp_path / "one"))
+    for step in one:
+        assert 0 < step["xtok/one_to_one_share"] < 1 and step["actor/kl_loss"] > 0
+        masked = [line["loss_mask"] for line in map(json.loads, open(tmp_path / "one" / "rollouts" / f"{step['step']}.jsonl"))]
+        kept = sum(sum(mask) for mask in masked) / sum(len(mask) for mask in masked)
+        assert kept == pytest.approx(step["xtok/one_to_one_share"])
+
+
 def test_auto_goes_cross_for_another_tokenizer_and_says_so(renumbered, distill_setup, tmp_path, capfd):
     train(renumbered, tmp_path / "auto", "trainer.total_steps=1", "trainer.export_hf=false", "teacher.tokenizer=auto")
     out = capfd.readouterr().out
@@ -76,7 +92,10 @@ def test_auto_goes_cross_for_another_tokenizer_and_says_so(renumbered, distill_s
 
 @pytest.mark.parametrize("extra, message", [
     ((), "teacher.tokenizer=cross"),
-    (("teacher.tokenizer=cross", "actor.kl_loss_type=reverse"), "actor.kl_loss_type=reverse: teacher.tokenizer"),
+    (("teacher.tokenizer=cross", "actor.kl_loss_type=topk_forward", "actor.topk=4"),
+     "actor.kl_loss_type=topk_forward: teacher.tokenizer"),
+    (("teacher.tokenizer=cross", "actor.policy_loss=pg", "actor.kl_loss_type=forward"),
+     "actor.policy_loss=pg with actor.kl_loss_type=forward: teacher.tokenizer"),
     (("teacher.tokenizer=cross", "teacher.engine=sglang", "actor.kl_temperature=1.0"),
      "teacher.engine=sglang: teacher.tokenizer"),
     (("teacher.tokenizer=cross", "parallel.context=2"), "parallel.context=2: teacher.tokenizer"),

@@ -3,6 +3,8 @@ of a SentencePiece one: ' the'), found once from the tokenizers. Over them a div
 models' next-token distributions is exact; the rest of each vocabulary has no counterpart."""
 from dataclasses import dataclass
 
+import torch
+
 from megatron_opd.data.xtok.byte_vocab import ByteVocab
 
 
@@ -33,6 +35,12 @@ class SharedVocab:
     def share(self) -> float:
         """Of the student's vocabulary, the ids with a counterpart (metric xtok/shared_vocab_share)."""
         return self.shared / len(self.student_to_teacher)
+
+    def unshared_teacher(self, teacher_size: int):
+        """[teacher_size] bool tensor: the teacher ids no student id has the string of (the rest of its vocabulary)."""
+        out = torch.ones(teacher_size, dtype=torch.bool)
+        out[[m for m in self.student_to_teacher if 0 <= m < teacher_size]] = False
+        return out
 
     def is_permutation(self, teacher_size: int) -> bool:
         """Every id on both sides has exactly one counterpart: the vocabularies are one, numbered apart."""
