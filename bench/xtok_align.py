@@ -48,7 +48,7 @@ def main() -> None:
     align_s, view = [], None
     for _ in range(args.reps):
         started = time.perf_counter()
-        view, metrics = cross.view(prompts, pairs, [None] * len(pairs))
+        view, metrics = cross.view(prompts, pairs, [None] * len(pairs), [True] * len(pairs))
         align_s.append(time.perf_counter() - started)
     from transformers import AutoModelForCausalLM
 

@@ -33,10 +33,13 @@ class CrossTokenizerTeacher(Teacher):
         self.fields = dict(inner.fields) if self.full else {"logprobs": ((), torch.float32)}
         if self.full:
             self.head_weight = shared_head(inner, student_to_teacher, student_vocab_shard)
-        self.views = {}  # the step's, teacher name -> CrossView: set by the trainer before the step's pass
+        self.view = None  # the step's CrossView
+
+    def read_views(self, views: dict) -> None:
+        self.view = views[self.name]
 
     def outputs(self, samples, batch, student_micro_batches: list, rows=None) -> list:
-        view = self.views[self.name]
+        view = self.view
         device = self.student.device
         teacher_batch = build_batch([p for p, _ in view.pairs], [r for _, r in view.pairs], self.pad_id, device,
                                     self.inner.dims.config.sequence_multiple)

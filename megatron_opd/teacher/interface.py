@@ -26,6 +26,10 @@ class Teacher(abc.ABC):
         TokenBatch; `rows`: [B] bool, the sequences to score (None: all; the others may hold zeros, or a
         micro-batch with none of them None)."""
 
+    def read_views(self, views: dict) -> None:
+        """The step's views of its sequences by each teacher of another tokenizer (name -> CrossView,
+        trainer/cross_rows.py), before its pass; a teacher of the student's tokenizer has none to read."""
+
     def bytes_per_token(self, batch) -> float:
         """Collective: the bytes of teacher outputs all ranks sent to others this step, per token of the step."""
         return bytes_per_token(self.bytes_moved, batch, self.student.device)

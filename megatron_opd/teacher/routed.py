@@ -44,6 +44,10 @@ class RoutedTeachers(Teacher):
             return []
         return [{"parts": [part[m] if part else None for part in parts]} for m in range(len(student_micro_batches))]
 
+    def read_views(self, views: dict) -> None:
+        for teacher in self.teachers:
+            teacher.read_views(views)
+
     def close(self) -> None:
         teachers, self.teachers = self.teachers, []
         for teacher in teachers:

@@ -37,13 +37,14 @@ class CrossTokens:
         self.shared = SharedVocab.of(self.student, self.teacher, ((self.student_end, self.teacher_end),))
         self.renumbered = self.shared.is_permutation(len(self.teacher))
 
-    def view(self, prompts: list, pairs: list, student_weights: list) -> tuple[CrossView, dict]:
+    def view(self, prompts: list, pairs: list, student_weights: list, own: list) -> tuple[CrossView, dict]:
         """`prompts`: per sequence its messages (raw_prompt); `pairs`: the student's (prompt ids, response ids);
-        `student_weights`: per sequence the student's log-probs of its response tokens, or None (split evenly).
-        Returns the view and the step's xtok/* metrics."""
+        `student_weights`: per sequence the student's log-probs of its response tokens, or None (split evenly);
+        `own`: per sequence whether this teacher scores it (the metrics count those). Returns the view and the
+        step's xtok/* metrics."""
         view = CrossView([], [], [], [], [], [], [], [])
-        tokens = one_to_one = split = 0
-        for messages, (prompt, response), weights in zip(prompts, pairs, student_weights):
+        tokens = aligned = one_to_one = split = 0
+        for messages, (prompt, response), weights, counted in zip(prompts, pairs, student_weights, own):
             if self.renumbered:
                 mapped = self.shared.student_to_teacher
                 teacher_pair = ([mapped[t] for t in prompt], [mapped[t] for t in response])
@@ -62,11 +63,12 @@ class CrossTokens:
             view.shares.append(span_shares(spans, weights))
             view.aligned.append(len(of_student))
             view.one_to_one.append([(span.student[0], span.teacher[0]) for span in spans if span.one_to_one])
-            stats = AlignStats.of(spans)
-            tokens += len(response)
-            one_to_one, split = one_to_one + stats.one_to_one, split + stats.split_boundary
+            if counted:
+                stats = AlignStats.of(spans)
+                tokens, aligned = tokens + len(response), aligned + len(of_student)
+                one_to_one, split = one_to_one + stats.one_to_one, split + stats.split_boundary
         count = max(tokens, 1)  # of the student's response tokens: with a teacher value, in 1:1 spans, a share
-        metrics = {"xtok/aligned_share": sum(view.aligned) / count, "xtok/one_to_one_share": one_to_one / count,
+        metrics = {"xtok/aligned_share": aligned / count, "xtok/one_to_one_share": one_to_one / count,
                    "xtok/split_boundary_share": split / count, "xtok/shared_vocab_share": self.shared.share}
         return view, metrics
 

@@ -176,7 +176,7 @@ class Trainer:
             run.engine.sleep()
         update_started = time.perf_counter()
         if samples.cross is not None:  # a teacher of another tokenizer reads the step's sequences as its own
-            run.teacher.views = samples.cross
+            run.teacher.read_views(samples.cross)
         update_metrics, teacher_s = self.update(samples.pairs, batch)
         update_s = time.perf_counter() - update_started - teacher_s
         sync_started = time.perf_counter()

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.atomic import write_text
+from megatron_opd.config import run_teachers
 from megatron_opd.data.scorers import NO_REWARD, reward_function
 from megatron_opd.loss.kinds import FULL_KINDS
 from megatron_opd.loss.policy_gradient import group_advantages
@@ -133,33 +134,43 @@ def step_samples(run, cfg, step: int, items: list[dict]) -> StepSamples:
                                                  for _ in range(n)]
     cross = None
     if run.cross:
-        cross, cross_metrics = broadcast(_cross_views(run, items, pairs, logprobs, n) if run.dims.rank == 0 else None)
+        names = list(run_teachers(cfg))
+        owners = [names[t] for t in teachers] if teachers is not None else [names[0]] * len(pairs)
+        cross, cross_metrics = broadcast(_cross_views(run, items, pairs, logprobs, n, owners) if run.dims.rank == 0
+                                         else None)
         metrics.update(cross_metrics)
-        masks = _aligned_only(masks, pairs, cross, cfg.actor.kl_loss_type in FULL_KINDS)
+        masks = _aligned_only(masks, pairs, cross, cfg.actor.kl_loss_type in FULL_KINDS, owners)
     return StepSamples(pairs, [i in own for i in range(len(items)) for _ in range(n)], masks, logprobs, rewards,
                        advantages, metrics, teachers, cross)
 
 
-def _cross_views(run, items: list[dict], pairs: list, logprobs: list, n: int) -> tuple[dict, dict]:
-    """Rank 0: each cross teacher's view of the step's sequences and their xtok/* metrics; where the pg form keeps
-    the student's own log-probs, they split each span's teacher value over its tokens."""
+def _cross_views(run, items: list[dict], pairs: list, logprobs: list, n: int, owners: list) -> tuple[dict, dict]:
+    """Rank 0: each cross teacher's view of the step's sequences and the xtok/* metrics of its own (`owners`: each
+    sequence's teacher; with several teachers the metrics are xtok/<name>/*); where the pg form keeps the
+    student's own log-probs, they split each span's teacher value over its tokens."""
     prompts = [item["raw_prompt"] for item in items for _ in range(n)]
     views, metrics = {}, {}
     for name, tokens in run.cross.items():
-        views[name], metrics = tokens.view(prompts, pairs, logprobs)
+        views[name], own = tokens.view(prompts, pairs, logprobs, [owner == name for owner in owners])
+        metrics.update({f"xtok/{name}/{key.removeprefix('xtok/')}" if run.routing is not None else key: value
+                        for key, value in own.items()})
     return views, metrics
 
 
-def _aligned_only(masks: list, pairs: list, cross: dict, one_to_one: bool) -> list:
-    """No loss on a response's tokens past those a cross teacher has values for (from a special token inside it or
-    a byte that starts no character on); `one_to_one` (full kinds): none but on tokens that are a span alone on
-    both sides, where both models' next-token distributions follow the same text."""
+def _aligned_only(masks: list, pairs: list, cross: dict, one_to_one: bool, owners: list) -> list:
+    """No loss on a response's tokens past those its teacher, of another tokenizer, has values for (from a special
+    token inside it or a byte that starts no character on); `one_to_one` (full kinds): none but on tokens that are
+    a span alone on both sides, where both models' next-token distributions follow the same text. A sequence of a
+    teacher of the student's tokenizer keeps its mask."""
     out = []
     for k, (mask, (_, response)) in enumerate(zip(masks, pairs)):
-        keep = set(range(min(view.aligned[k] for view in cross.values())))
+        view = cross.get(owners[k])
+        if view is None:
+            out.append(mask)
+            continue
+        keep = set(range(view.aligned[k]))
         if one_to_one:
-            for view in cross.values():
-                keep &= {student for student, _ in view.one_to_one[k]}
+            keep &= {student for student, _ in view.one_to_one[k]}
         if len(keep) < len(response):
             mask = [m if j in keep else 0.0 for j, m in enumerate(mask or [1.0] * len(response))]
         out.append(mask)

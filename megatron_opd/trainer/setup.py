@@ -79,7 +79,6 @@ def _check_cross(cfg: OPDConfig, teacher, key: str) -> None:
          f"{named(SAMPLED_KINDS)})"),
         (cfg.rollout.env is not None, f"rollout.env={cfg.rollout.env}", "conversations with an environment"),
         (cfg.parallel.context > 1, f"parallel.context={cfg.parallel.context}", "context parallelism"),
-        (bool(cfg.teachers), "teachers", "several teachers"),
     ]
     for refused, where, what in problems:
         if refused:

@@ -20,7 +20,7 @@ def test_projected_values_are_the_span_values_at_the_students_positions():
     pairs = [(encode_prompt(student, p), student.encode(t, add_special_tokens=False) + [student.eos_token_id])
              for p, t in zip(prompts, TEXTS)]
     weights = [None, [-0.5 - (k % 3) for k in range(len(pairs[1][1]))]]
-    view, metrics = cross.view(prompts, pairs, weights)
+    view, metrics = cross.view(prompts, pairs, weights, [True] * len(pairs))
     assert metrics["xtok/aligned_share"] == 1 and metrics["xtok/split_boundary_share"] > 0
     length = max(len(p) + len(r) for p, r in pairs) + 3
     teacher_length = max(len(p) + len(r) for p, r in view.pairs)

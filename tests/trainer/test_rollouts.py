@@ -7,7 +7,7 @@ from megatron_opd.demo.walk import WALK_DATA_SOURCE, walk_rows
 from megatron_opd.rollout.chat_turns import ChatTurns
 from megatron_opd.rollout.conversation import ConversationLimits, MultiTurn
 from megatron_opd.rollout.engine import SamplingParams
-from megatron_opd.trainer.rollouts import StepSamples, _generate, on_policy_prompts, rewards_of
+from megatron_opd.trainer.rollouts import StepSamples, _aligned_only, _generate, on_policy_prompts, rewards_of
 from tests.rollout.envs.countdown import TURNS, CountdownEnvironment
 from tests.rollout.stand_in import StandInEngine
 
@@ -58,3 +58,15 @@ def test_a_steps_conversations_train_on_the_assistants_tokens_beside_given_respo
     batch = samples.batch(0, "cpu", 1)
     prompt = len(pairs[0][0])
     assert batch.loss_mask[0, prompt - 1:prompt - 1 + len(own_mask)].tolist() == own_mask
+
+
+def test_a_cross_teachers_alignment_masks_its_own_sequences_only():
+    """Past its aligned tokens (and, for the full kinds, off its 1:1 spans) a sequence of a cross teacher has no
+    loss; a sequence of another teacher keeps its mask, whatever the cross teacher's view of it says."""
+    pairs = [([1], [5, 6, 7, 8])] * 3
+    view = SimpleNamespace(aligned=[3, 3, 3], one_to_one=[[(0, 0), (2, 1)]] * 3)
+    owners = ["cross", "same", "cross"]
+    sampled = _aligned_only([None, None, [1.0, 0.0, 1.0, 1.0]], pairs, {"cross": view}, False, owners)
+    assert sampled == [[1.0, 1.0, 1.0, 0.0], None, [1.0, 0.0, 1.0, 0.0]]
+    full = _aligned_only([None, None, None], pairs, {"cross": view}, True, owners)
+    assert full == [[1.0, 0.0, 1.0, 0.0], None, [1.0, 0.0, 1.0, 0.0]]
