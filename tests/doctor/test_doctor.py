@@ -70,12 +70,18 @@ def test_another_tokenizer_fails_naming_both_paths(distill_setup, tmp_path):
 
 
 def test_a_cross_teacher_is_reported_with_what_it_shares(distill_setup, tmp_path):
+    """The vocab check reports what the tokenizers share; the student's own checks run; the teacher's, which
+    read it on the student's ids, say they were not measured."""
     teacher = write_tiny_checkpoint(str(tmp_path / "other"), "qwen2", seed=2, tokenizer=train_tokenizer(OTHER_CORPUS))
-    finding = only(run_doctor(config(distill_setup, f"teacher.path={teacher}", "teacher.tokenizer=auto"),
-                              ("vocab",)), "vocab")
+    report = doctor(config(distill_setup, f"teacher.path={teacher}", "teacher.tokenizer=auto"),
+                    ("vocab", "self_test", "engine", "teacher_loaded"))
+    finding = only(report, "vocab")
     assert finding.status == OK and finding.details["tokenizer_mode"] == "cross"
     assert 0 < finding.details["shared_vocab_share"] < 1 and not finding.details["renumbered"]
     assert "teacher.tokenizer=auto: cross" in finding.message
+    assert only(report, "self_test").status == OK and only(report, "engine").status == OK
+    loaded = only(report, "teacher_loaded")
+    assert loaded.status == WARN and "not measured: teacher has another tokenizer" in loaded.message
 
 
 def with_chat_template(source: str, out: str, template: str) -> str:

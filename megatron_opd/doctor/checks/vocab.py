@@ -116,4 +116,4 @@ def _cross(key: str, teacher, name: str, s_tok, t_tok, s_path: str) -> Finding:
                               f"student's vocabulary shared by bytes{renumbered}; responses are aligned by text "
                               f"(xtok/* metrics)", name,
                    {"tokenizer_mode": "cross", "shared_vocab_share": cross.shared.share,
-                    "renumbered": cross.renumbered})
+                    "renumbered": cross.renumbered, "vocab_size": min(len(s_tok), load_arch(s_path).vocab_size)})
