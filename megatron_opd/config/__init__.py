@@ -48,9 +48,13 @@ class RolloutConfig:
     # engine=sglang: a server already running (null: rank 0 starts one). This run pushes the student's weights
     # to it and never starts or stops it: it must serve the student's architecture, for this run alone.
     url: Optional[str] = None
+    # Bounded staleness: step s trains on samples the engine drew from the weights of step max(0, s - k), made
+    # while the trainer updates (trainer/prefetch.py); 0: generate, then train, in turn.
+    max_staleness: int = 0
 
     def __post_init__(self):
         one_of("rollout.engine", self.engine, ("local", "sglang"))
+        check(self.max_staleness >= 0, "rollout.max_staleness", self.max_staleness, "must be >= 0")
         check(self.url is None or self.engine == "sglang", "rollout.url", self.url,
                "names an SGLang server: set rollout.engine=sglang, or rollout.url=null")
         check_url("rollout.url", self.url)
@@ -112,8 +116,9 @@ class ActorConfig:
     policy_loss: str = "direct"
     kl_discount: float = 0.0  # pg: each advantage adds the later tokens' KL at this discount (0: its own only)
     clip_ratio: float = 0.2  # pg: pi / pi_old is clipped to [1 - clip_ratio, 1 + clip_ratio]
-    # pg: the trainer/engine ratio of each sampled token as an importance weight, truncated at is_cap
-    # (is_mode=truncate) or 0 outside [1 / is_cap, is_cap] (mask). null: measured (mismatch/*), not applied.
+    # pg, and direct with a sampled kind: the trainer/engine ratio of each sampled token as an importance weight,
+    # truncated at is_cap (is_mode=truncate) or 0 outside [1 / is_cap, is_cap] (mask). null: measured (mismatch/*,
+    # pg and rollout.max_staleness > 0), not applied.
     is_cap: Optional[float] = None
     is_mode: str = "truncate"
     # verl's distillation_loss clamps: each token's divergence (or pg's per-token reverse KL) clamped to
@@ -164,6 +169,10 @@ class ActorConfig:
         check(self.clip_ratio > 0, "actor.clip_ratio", self.clip_ratio, "must be > 0")
         check(self.is_cap is None or self.is_cap > 1, "actor.is_cap", self.is_cap,
                "must be null (measure the mismatch only) or > 1")
+        check(self.is_cap is None or self.policy_loss == "pg" or self.kl_loss_type in SAMPLED_KINDS, "actor.is_cap",
+              self.is_cap, f"weights sampled tokens; with actor.policy_loss=direct it corrects the sampled kinds "
+              f"({named(SAMPLED_KINDS)}) only, and actor.kl_loss_type={self.kl_loss_type} is not one: set it to "
+              f"null (the mismatch is still measured)")
         check(self.policy_loss == "direct" or self.kl_loss_type not in TOPK_KINDS, "actor.kl_loss_type",
                self.kl_loss_type, "actor.policy_loss=pg needs the teacher's log-prob of each sampled token, which "
                f"a top-k teacher need not hold: use a sampled-token kind ({named(SAMPLED_KINDS)}) or a full one "

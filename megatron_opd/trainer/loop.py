@@ -26,6 +26,7 @@ from megatron_opd.trainer import checkpoint, moe_metrics
 from megatron_opd.trainer.objective import PARTS, LossInputs, Objective
 from megatron_opd.trainer.optim import optimizer_step
 from megatron_opd.trainer.preemption import Preemption
+from megatron_opd.trainer.prefetch import RolloutPrefetch
 from megatron_opd.trainer.rollouts import broadcast, dump_rollouts, step_samples
 from megatron_opd.trainer.setup import Run
 
@@ -70,6 +71,7 @@ class Trainer:
         self.cfg = cfg
         self.run = Run(cfg)
         self.objective = Objective.of_run(cfg, self.run.vocab_size, self.run.dims.tp_group, self.run.teacher)
+        self.prefetch = RolloutPrefetch(self.run, cfg) if cfg.rollout.max_staleness else None
 
     def _optimizer_step(self, mini: list, teacher: list, old_logprobs: list) -> dict:
         """One optimizer step on a mini-batch (this rank's micro-batches); its global metrics."""
@@ -166,13 +168,16 @@ class Trainer:
         """Steps `step` -> `step + 1`; its metrics."""
         cfg, run = self.cfg, self.run
         started = time.perf_counter()
-        samples = step_samples(run, cfg, step, run.next_items())
+        if self.prefetch is not None:
+            samples = self.prefetch.samples(step)
+        else:
+            samples = step_samples(run, cfg, step, run.next_items())
         metrics = samples.metrics
         gen_s = time.perf_counter() - started
         if cfg.trainer.rollout_data_dir and run.dims.rank == 0:
             dump_rollouts(cfg.trainer.rollout_data_dir, step + 1, samples, run.tokenizer)
         batch = samples.batch(run.pad_id, run.dims.device, cfg.parallel.sequence_multiple)
-        if run.engine is not None:  # a colocated SGLang server frees its GPU memory for the update
+        if run.engine is not None and self.prefetch is None:  # a colocated server frees its memory for the update
             run.engine.sleep()
         update_started = time.perf_counter()
         if samples.cross is not None:  # a teacher of another tokenizer reads the step's sequences as its own
@@ -180,8 +185,10 @@ class Trainer:
         update_metrics, teacher_s = self.update(samples.pairs, batch)
         update_s = time.perf_counter() - update_started - teacher_s
         sync_started = time.perf_counter()
+        if self.prefetch is not None:  # the engine idle before its weights change
+            self.prefetch.wait()
         run.sync_engine(step + 1)
-        if run.engine is not None:
+        if run.engine is not None and self.prefetch is None:
             run.engine.wake_up()
         sync_s = time.perf_counter() - sync_started
         metrics.update(update_metrics)
@@ -193,6 +200,8 @@ class Trainer:
         self._report_skipped(step + 1, metrics)
         if cfg.trainer.test_freq and (step + 1) % cfg.trainer.test_freq == 0:
             metrics.update(self.validate())
+        if self.prefetch is not None:
+            self.prefetch.launch(step + 1 + cfg.rollout.max_staleness)
         return metrics
 
     def train(self) -> list[dict]:
@@ -204,6 +213,8 @@ class Trainer:
             run.sync_engine(step)
             if cfg.trainer.test_freq and step == 0:
                 run.log(0, self.validate())
+            if self.prefetch is not None:
+                self.prefetch.start(step, run.resumed_ahead)
             while step < cfg.trainer.total_steps:
                 metrics = self._step(step)
                 step += 1
@@ -212,9 +223,10 @@ class Trainer:
                     and step % cfg.trainer.exit_interval == 0
                 stopping = preempted or exiting
                 if self._checkpoint_due(step, stopping):
+                    ahead = {"ahead": self.prefetch.state()} if self.prefetch is not None else {}
                     saved = checkpoint.save(cfg.trainer.save_dir, step, run.ddp, run.optimizer, run.scheduler,
                                             {"sampler": run.sampler.state_dict(), "metrics": metrics,
-                                             "skipped_updates": run.skipped_updates}, run.dims)
+                                             "skipped_updates": run.skipped_updates, **ahead}, run.dims)
                 run.log(step, metrics)
                 history.append({"step": step, **metrics})
                 if preempted:  # after the step's metrics line: the resumed run starts at the next step
@@ -228,6 +240,8 @@ class Trainer:
             if cfg.trainer.export_hf and step == cfg.trainer.total_steps:
                 run.export_hf(os.path.join(cfg.trainer.save_dir, "hf"))
         finally:
+            if self.prefetch is not None:
+                self.prefetch.close()
             run.close()
             preemption.close()
         return history

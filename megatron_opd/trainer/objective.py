@@ -28,6 +28,12 @@ from megatron_opd.teacher.routed import RoutedTeachers, per_teacher
 PARTS = ("on_policy", "off_policy")  # the student's own samples; given responses (actor.lmbda < 1)
 
 
+def engine_logprobs_read(actor: ActorConfig, stale: bool) -> bool:
+    """Whether the loss reads the engine's log-prob of each sampled token: the pg form always; the direct form to
+    measure (and with actor.is_cap correct) a lag or mismatch between the engine's weights and the trainer's."""
+    return actor.policy_loss == "pg" or stale or actor.is_cap is not None
+
+
 @dataclass(frozen=True)
 class LossInputs:
     """One micro-batch's share of a mini-batch's loss: what the student's last stage made of it and what it
@@ -49,18 +55,21 @@ class LossInputs:
 
 class Objective:
     def __init__(self, actor: ActorConfig, temperature: float, vocab_size: int, group: Any = None,
-                 head_weight=None, reward_coef: float = 0.0, sft: bool = False, teacher_names: tuple = ()):
+                 head_weight=None, reward_coef: float = 0.0, sft: bool = False, teacher_names: tuple = (),
+                 stale: bool = False):
         """`group`: the TP group (None: one vocabulary shard); `head_weight`: the teacher's output layer cut to
         the student's shard (full kinds), or with several teachers (`teacher_names`, in the batch's
-        teacher_index order) a list of them."""
+        teacher_index order) a list of them; `stale`: samples drawn from older weights (rollout.max_staleness)."""
         self.actor, self.temperature, self.vocab_size, self.group = actor, temperature, vocab_size, group
         self.head_weight, self.reward_coef, self.sft, self.teacher_names = head_weight, reward_coef, sft, teacher_names
+        self.direct_mismatch = engine_logprobs_read(actor, stale) and actor.policy_loss == "direct"
 
     @classmethod
     def of_run(cls, cfg: OPDConfig, vocab_size: int, group, teacher) -> "Objective":
         return cls(cfg.actor, divergence_temperature(cfg), vocab_size, group,
                    teacher.head_weight if teacher is not None else None, cfg.reward.coef, cfg.trainer.mode == "sft",
-                   tuple(teacher.names) if isinstance(teacher, RoutedTeachers) else ())
+                   tuple(teacher.names) if isinstance(teacher, RoutedTeachers) else (),
+                   cfg.rollout.max_staleness > 0)
 
     def __call__(self, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
         """The micro-batch's share of the loss (shares sum to the mini-batch's value) and its metrics."""
@@ -128,13 +137,18 @@ class Objective:
         """kl_loss_coef x the divergence - entropy_coeff x entropy. With actor.lmbda < 1 also the KL sum and
         token count of each part (the student's own samples, the given responses)."""
         actor, mask, counts = self.actor, inputs.batch.loss_mask, inputs.counts
-        kl = self.per_token_kl(inputs)
+        correction = {}
+        if self.direct_mismatch:
+            kl, correction = self._lag_corrected_kl(inputs)
+        else:
+            kl = self.per_token_kl(inputs)
         entropy = self._entropy(inputs) if actor.entropy_coeff else None
         loss, metrics = distillation_loss(kl, mask, actor.kl_loss_coef, entropy, actor.entropy_coeff,
                                           actor.loss_agg_mode, global_num_tokens=counts.num_tokens,
                                           global_num_seqs=counts.num_seqs,
                                           seq_num_tokens=counts.seq_num_tokens[inputs.index])
         metrics.update(self._teacher_metrics(inputs, kl))
+        metrics.update(correction)
         if actor.lmbda < 1:
             on_policy = inputs.batch.on_policy
             for part, rows in zip(PARTS, (on_policy, ~on_policy)):
@@ -142,6 +156,28 @@ class Objective:
                 metrics[f"actor/kl_sum_{part}"] = (kl.detach() * part_mask).sum()
                 metrics[f"actor/tokens_{part}"] = part_mask.sum()
         return loss, metrics
+
+    def _lag_corrected_kl(self, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
+        """The direct form on samples the engine drew (older weights under rollout.max_staleness, or an engine of
+        other numerics): the trainer/engine ratio of each sampled token measured (mismatch/*) and, with
+        actor.is_cap on a sampled kind, each token's divergence weighted by it (no gradient through the weight),
+        the per-token importance correction of an estimator on the engine's samples. A full kind is exact at each
+        position over the vocabulary; the lag only changes which prefixes are visited, which no per-token weight
+        corrects: it is measured."""
+        actor, mb = self.actor, inputs.batch
+        own = mb.loss_mask * mb.on_policy[:, None]
+        if actor.kl_loss_type in SAMPLED_KINDS:
+            logprobs = self.log_probs(inputs.hidden, inputs.weight, mb.labels)
+            kl = self.per_token_kl(inputs, logprobs)
+        else:
+            kl = self.per_token_kl(inputs)
+            with torch.no_grad():
+                logprobs = self.log_probs(inputs.hidden, inputs.weight, mb.labels)
+        weights, metrics = mismatch_weights(logprobs.detach(), mb.engine_logprobs, own, actor.is_cap or math.inf,
+                                            actor.is_mode, inputs.counts.num_tokens)
+        if actor.is_cap is not None:
+            kl = torch.where(own.bool(), kl * weights, kl)
+        return kl, metrics
 
     def teacher_token_log_probs(self, inputs: LossInputs) -> torch.Tensor:
         """Each row's teacher's log-prob of each sampled token [mb, s]: kept as such (sampled kinds), or formed

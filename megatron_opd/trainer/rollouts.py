@@ -20,6 +20,7 @@ from megatron_opd.loss.policy_gradient import group_advantages
 from megatron_opd.models.batch import TokenBatch, build_batch
 from megatron_opd.rollout.conversation import conversation_metrics
 from megatron_opd.rollout.engine import RolloutError
+from megatron_opd.trainer.objective import engine_logprobs_read
 
 
 @dataclass
@@ -33,6 +34,7 @@ class StepSamples:
     metrics: dict
     teacher_index: Optional[list] = None  # per sequence, with several teachers: its teacher's, by data source
     cross: Optional[dict] = None  # teacher name -> its CrossView (trainer/cross_rows.py), teachers of another tokenizer
+    versions: Optional[list] = None  # per sequence, rollout.max_staleness > 0: the weights' version it was drawn with
 
     def batch(self, pad_id: int, device, multiple: int) -> TokenBatch:
         return build_batch([p for p, _ in self.pairs], [r for _, r in self.pairs], pad_id, device, multiple,
@@ -72,10 +74,17 @@ def given_responses(items: list[dict]) -> StepSamples:
                        length_metrics(item["response_ids"] for item in items))
 
 
+def generate(run, cfg, step: int, items: list[dict]):
+    """Rank 0: (pairs, engine log-probs, loss masks, rewards, rollout metrics, weight versions) of a step's items
+    or the RolloutError every rank raises; run now, or ahead of its step (trainer/prefetch.py)."""
+    return _generate(run, cfg, step, items, on_policy_prompts(len(items), cfg.actor.lmbda, cfg.trainer.seed, step))
+
+
 def _generate(run, cfg, step: int, items: list[dict], own: set[int]):
-    """Rank 0: (pairs, engine log-probs, loss masks, rewards, rollout metrics) or the RolloutError every rank
-    raises. With rollout.env the student's sequences are conversations (rollout/conversation.py)."""
-    n = cfg.rollout.n
+    """Rank 0: (pairs, engine log-probs, loss masks, rewards, rollout metrics, weight versions) or the RolloutError
+    every rank raises. With rollout.env the student's sequences are conversations (rollout/conversation.py)."""
+    n, version = cfg.rollout.n, run.engine.weight_version
+    keep_logprobs = engine_logprobs_read(cfg.actor, cfg.rollout.max_staleness > 0)
     answered = [items[i] for i in sorted(own)]
     metrics, conversations = {}, None
     if run.multi_turn is not None:
@@ -90,8 +99,8 @@ def _generate(run, cfg, step: int, items: list[dict], own: set[int]):
         if i in own:
             samples = list(itertools.islice(generated, n))
             pairs += [(s.prompt_ids, s.response_ids) for s in samples]
-            # only the policy-gradient form reads them: the direct form does not broadcast them
-            logprobs += [s.logprobs if cfg.actor.policy_loss == "pg" else None for s in samples]
+            # broadcast only where the loss reads them (trainer/objective.engine_logprobs_read)
+            logprobs += [s.logprobs if keep_logprobs else None for s in samples]
             masks += [s.loss_mask if conversations is not None else None for s in samples]
             env_rewards += [s.reward if conversations is not None else 0.0 for s in samples]
         else:
@@ -109,20 +118,30 @@ def _generate(run, cfg, step: int, items: list[dict], own: set[int]):
     elif cfg.reward.fn != NO_REWARD:
         texts = run.tokenizer.batch_decode([r for _, r in pairs], skip_special_tokens=True)
         rewards = rewards_of(cfg.reward.fn, items, texts, n)
-    return pairs, logprobs, masks, rewards, metrics
+    versions = [version if i in own else None for i in range(len(items)) for _ in range(n)]
+    return pairs, logprobs, masks, rewards, metrics, versions
 
 
-def step_samples(run, cfg, step: int, items: list[dict]) -> StepSamples:
-    """Collective: the step's sequences, the same on every rank."""
+def step_samples(run, cfg, step: int, items: list[dict], generated=None) -> StepSamples:
+    """Collective: the step's sequences, the same on every rank. `generated`: on rank 0, what `generate` made of
+    the items ahead of the step (rollout.max_staleness > 0); None: generated now."""
     if cfg.trainer.mode == "sft":
         return given_responses(items)
     own = on_policy_prompts(len(items), cfg.actor.lmbda, cfg.trainer.seed, step)
-    generated = broadcast(_generate(run, cfg, step, items, own) if run.dims.rank == 0 else None)
+    if run.dims.rank == 0 and generated is None:
+        generated = _generate(run, cfg, step, items, own)
+    generated = broadcast(generated if run.dims.rank == 0 else None)
     if isinstance(generated, RolloutError):
         raise generated
-    pairs, logprobs, masks, rewards, rollout_metrics = generated
+    pairs, logprobs, masks, rewards, rollout_metrics, versions = generated
     n = cfg.rollout.n
     metrics = {**length_metrics(r for _, r in pairs), **rollout_metrics}
+    if cfg.rollout.max_staleness:
+        lags = [step - v for v in versions if v is not None]
+        metrics.update({"rollout/staleness_mean": sum(lags) / len(lags), "rollout/staleness_max": float(max(lags))}
+                       if lags else {})
+    else:
+        versions = None
     if cfg.actor.lmbda < 1:
         metrics["rollout/on_policy_fraction"] = len(own) / len(items)
     advantages = None
@@ -141,7 +160,7 @@ def step_samples(run, cfg, step: int, items: list[dict]) -> StepSamples:
         metrics.update(cross_metrics)
         masks = _aligned_only(masks, pairs, cross, cfg.actor.kl_loss_type in FULL_KINDS, owners)
     return StepSamples(pairs, [i in own for i in range(len(items)) for _ in range(n)], masks, logprobs, rewards,
-                       advantages, metrics, teachers, cross)
+                       advantages, metrics, teachers, cross, versions)
 
 
 def _cross_views(run, items: list[dict], pairs: list, logprobs: list, n: int, owners: list) -> tuple[dict, dict]:
@@ -180,7 +199,8 @@ def _aligned_only(masks: list, pairs: list, cross: dict, one_to_one: bool, owner
 def dump_rollouts(directory: str, step: int, samples: StepSamples, tokenizer) -> None:
     """trainer.rollout_data_dir: the sequences step `step` trains on, one JSON line each, in <directory>/<step>.jsonl
     (the prompt's and response's ids and text, its loss mask over the response (null: every token; 0 on a
-    conversation's environment tokens), whether the student sampled it, its reward and advantage)."""
+    conversation's environment tokens), whether the student sampled it, its reward and advantage; with
+    rollout.max_staleness > 0 the version of the weights it was drawn with)."""
     prompts = tokenizer.batch_decode([p for p, _ in samples.pairs], skip_special_tokens=False)
     responses = tokenizer.batch_decode([r for _, r in samples.pairs], skip_special_tokens=False)
     lines = []
@@ -190,6 +210,7 @@ def dump_rollouts(directory: str, step: int, samples: StepSamples, tokenizer) ->
             "prompt": prompt, "response": response, "loss_mask": samples.loss_masks[k],
             "on_policy": samples.on_policy[k],
             "reward": samples.rewards[k] if samples.rewards is not None else None,
-            "reward_advantage": samples.reward_advantages[k] if samples.reward_advantages is not None else None}))
+            "reward_advantage": samples.reward_advantages[k] if samples.reward_advantages is not None else None,
+            **({"weight_version": samples.versions[k]} if samples.versions is not None else {})}))
     os.makedirs(directory, exist_ok=True)
     write_text(os.path.join(directory, f"{step}.jsonl"), "".join(line + "\n" for line in lines))

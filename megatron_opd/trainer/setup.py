@@ -195,6 +195,7 @@ class Run:
         self.ddp, self.optimizer, self.scheduler = wrap_and_build_optimizer(self.student, cfg.actor, total_updates)
         self.uses_engine = cfg.trainer.mode == "distill" or bool(cfg.trainer.test_freq)
         self.engine = None
+        self.resumed_ahead = None
         self.metrics = None
         try:
             self.engine = self._start_engine() if self.uses_engine else None
@@ -231,6 +232,7 @@ class Run:
             return 0, 0, None
         extra = checkpoint.load(found, self.ddp, self.optimizer, self.scheduler, self.dims)
         self.sampler.load_state_dict(extra["sampler"])
+        self.resumed_ahead = extra.get("ahead")  # rollout.max_staleness: the steps drawn ahead, made
         return extra["step"], extra["skipped_updates"], extra["metrics"]
 
     def _start_engine(self):

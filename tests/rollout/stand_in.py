@@ -7,6 +7,7 @@ class StandInEngine:
     """A stand-in for an engine: in the k-th generate call every prompt gets the script's k-th turn (cut at
     max_new_tokens; finish "stop" when it ends with the stop token or one of the sampling's), log-prob -0.5 per
     token. It keeps what it was sent."""
+    weight_version = 0
 
     def __init__(self, script: list[list[int]], stop_id: int):
         self.script, self.stop_id, self.sent, self.seeds = script, stop_id, [], []

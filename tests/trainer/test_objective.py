@@ -217,3 +217,38 @@ def test_verls_clamps_bound_each_token_and_floor_the_log_probs():
     floored = kl("k1", student, teacher, labels, 1.0, log_prob_min_clamp=floor)
     assert torch.allclose(floored, log_s.clamp(min=floor) - log_t.clamp(min=floor), rtol=1e-12, atol=1e-12)
     assert not torch.allclose(floored, plain)
+
+
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_the_direct_form_on_stale_samples_weights_each_sampled_tokens_divergence(mode):
+    """rollout.max_staleness > 0 (or actor.is_cap) on a sampled kind: each token's divergence times its capped
+    trainer/engine ratio, no gradient through the ratio; without is_cap measured and not applied; a full kind
+    measures it only."""
+    student, teacher, labels = setup()
+    own = reference.log_softmax(student[0] @ student[1].T, VOCAB, TAU).gather(-1, labels[..., None])[..., 0]
+    kept = per_token_values(teacher[0] @ teacher[1].T, labels, "low_var_kl", 0, TAU, VOCAB, None)
+
+    def direct(is_cap, kind="low_var_kl", stale=True):
+        hidden, weight = (t.clone().requires_grad_() for t in student)
+        actor = ActorConfig(kl_loss_type=kind, is_cap=is_cap, is_mode=mode)
+        head, outputs = (teacher[1], {"hidden": teacher[0]}) if kind == "reverse" else (None, kept)
+        batch = dict(engine_logprobs=own - RATIOS.log(), on_policy=torch.ones(2, dtype=torch.bool))
+        loss, metrics = Objective(actor, TAU, VOCAB, head_weight=head, stale=stale)(
+            inputs((hidden, weight), labels, outputs, MASK, **batch))
+        return loss, metrics, torch.autograd.grad(loss, (hidden, weight))
+
+    plain_kl = kl("low_var_kl", student, teacher, labels, TAU)
+    weights = torch.tensor(IS_WEIGHTS[mode], dtype=torch.float64)
+    hidden, weight = (t.clone().requires_grad_() for t in student)
+    by_hand = Objective(ActorConfig(kl_loss_type="low_var_kl"), TAU, VOCAB).per_token_kl(
+        inputs((hidden, weight), labels, kept))
+    by_hand = (by_hand * weights * MASK).sum() / MASK.sum()  # the weighted loss, from the per-token divergence
+    loss, metrics, grads = direct(2.0)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-9)
+    assert all(torch.allclose(g, w, rtol=1e-9, atol=1e-12) for g, w in zip(grads, torch.autograd.grad(by_hand, (hidden, weight))))
+    assert metrics["mismatch/ratio_max"].item() == pytest.approx(3.0)
+    measured, measured_metrics, _ = direct(None)
+    assert measured.item() == pytest.approx(((plain_kl * MASK).sum() / MASK.sum()).item(), rel=1e-9)
+    assert measured_metrics["mismatch/ratio_max"] == metrics["mismatch/ratio_max"]
+    assert "mismatch/ratio_max" in direct(None, "reverse")[1]
+    assert "mismatch/ratio_max" not in direct(None, stale=False)[1]

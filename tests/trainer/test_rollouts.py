@@ -38,7 +38,8 @@ def test_a_steps_conversations_train_on_the_assistants_tokens_beside_given_respo
     log-probs (pg) and environment rewards; a given response keeps its own mask; the batch trains on them."""
     end = tiny_tokenizer.eos_token_id
     turn = tiny_tokenizer.encode("ab") + [end]
-    cfg = SimpleNamespace(rollout=SimpleNamespace(n=1), actor=SimpleNamespace(policy_loss="pg"),
+    cfg = SimpleNamespace(rollout=SimpleNamespace(n=1, max_staleness=0),
+                          actor=SimpleNamespace(policy_loss="pg", is_cap=None),
                           reward=SimpleNamespace(fn=ENV_REWARD))
     run = SimpleNamespace(multi_turn=MultiTurn(ChatTurns(tiny_tokenizer), CountdownEnvironment,
                                                ConversationLimits(max_turns=4, max_tokens=200)),
@@ -47,12 +48,13 @@ def test_a_steps_conversations_train_on_the_assistants_tokens_beside_given_respo
     items = [{"input_ids": [1, 5], "raw_prompt": [{"role": "user", "content": "q"}], "ground_truth": None,
               "data_source": "x", "index": k, "response_ids": [7, 8, 9], "response_loss_mask": [1.0, 0.0, 1.0]}
              for k in range(2)]
-    pairs, logprobs, masks, rewards, metrics = _generate(run, cfg, 0, items, {0})
+    pairs, logprobs, masks, rewards, metrics, versions = _generate(run, cfg, 0, items, {0})
     observation = run.multi_turn.chat.observation_ids([{"role": "user", "content": f"{TURNS - 1} left"}])
     assert pairs[0][1] == turn + observation + turn and pairs[1] == ([1, 5], [7, 8, 9])
     own_mask = [1.0] * len(turn) + [0.0] * len(observation) + [1.0] * len(turn)
     assert masks == [own_mask, [1.0, 0.0, 1.0]]
     assert logprobs[0] == [-0.5 * m for m in own_mask] and logprobs[1] is None
+    assert versions == [0, None]  # the engine's weights for its own samples; none for a given response
     assert rewards == [(TURNS * len("ab") % 5) / 4, 0.0] and metrics["rollout/turns_mean"] == TURNS
     samples = StepSamples(pairs, [True, False], masks, logprobs, rewards, None, metrics)
     batch = samples.batch(0, "cpu", 1)
