@@ -292,6 +292,9 @@ class OPDConfig:
               f"actor.kl_temperature=1.0 (the student then enters at 1 too), or use {key}.engine=megatron")
 
     def _check_environment(self):
+        check(self.rollout.max_staleness == 0 or self.trainer.mode == "distill", "rollout.max_staleness",
+              self.rollout.max_staleness, "draws the student's samples ahead; trainer.mode=sft trains on given "
+              "responses and draws none: set it to 0")
         env = self.rollout.env
         check(env is None or self.trainer.mode == "distill", "rollout.env", env, "rolls out conversations for "
               "trainer.mode=distill; SFT trains on given responses: set rollout.env=null")

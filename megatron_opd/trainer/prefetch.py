@@ -46,7 +46,10 @@ class RolloutPrefetch:
                 raise ConfigError(f"rollout.max_staleness={self.k}: the checkpoint drew its samples ahead with "
                                   f"rollout.max_staleness={state['max_staleness']}; resume with that value")
             for entry in state["ahead"]:
-                self.ahead.append(Ahead(entry["step"], entry["items"], entry["generated"] if self.rank0 else None))
+                made = entry["generated"]
+                if isinstance(made, dict):  # a step whose generation failed fails at its turn, on every rank
+                    made = RolloutError(made["rollout_error"])
+                self.ahead.append(Ahead(entry["step"], entry["items"], made if self.rank0 else None))
             return
         for s in range(step, min(step + self.k + 1, self.cfg.trainer.total_steps)):
             self.launch(s)
@@ -73,12 +76,8 @@ class RolloutPrefetch:
             self._made(entry)
 
     def state(self) -> str:
-        """The steps drawn ahead, their samples made, for a checkpoint (JSON: exact for floats, any item values).
-        A rollout error of a step ahead stops the run here, before its checkpoint."""
+        """The steps drawn ahead, their samples made, for a checkpoint (JSON: exact for floats, any item values)."""
         self.wait()
-        for entry in self.ahead:
-            if isinstance(entry.generated, RolloutError):
-                raise entry.generated
         return json.dumps({"max_staleness": self.k, "ahead": [
             {"step": e.step, "items": e.items, "generated": self._made(e) if self.rank0 else None} for e in self.ahead]},
             default=_plain)
@@ -103,5 +102,7 @@ def _timed(run, cfg, step: int, items: list):
 
 
 def _plain(value):
-    """numpy values of a parquet row, as JSON writes them."""
+    """numpy values of a parquet row as JSON writes them; a step's RolloutError as its message."""
+    if isinstance(value, RolloutError):
+        return {"rollout_error": str(value)}
     return value.tolist() if hasattr(value, "tolist") else str(value)

@@ -67,6 +67,8 @@ def test_environment_settings_that_cannot_run_are_refused(distill_setup, tmp_pat
     ("actor.is_cap=2.0 actor.kl_loss_type=reverse", r"actor.is_cap=2.0: weights sampled tokens; with actor.policy_loss"
                                                     r"=direct it corrects the sampled kinds"),
     ("rollout.max_staleness=-1", r"rollout.max_staleness=-1: must be >= 0"),
+    ("rollout.max_staleness=1 trainer.mode=sft data.response_key=extra_info.answer",
+     r"rollout.max_staleness=1: draws the student's samples ahead; trainer.mode=sft"),
     ("rollout.url=http://127.0.0.1:1", r"rollout.url='http://127.0.0.1:1': names an SGLang server: set rollout.engine"),
     ("rollout.engine=sglang rollout.url=127.0.0.1:1", r"rollout.url='127.0.0.1:1': must be the server's http\(s\)://"),
     ("actor.policy_loss=pg reward.fn=nowhere:score", r"reward.fn='nowhere:score': cannot import score from nowhere"),
