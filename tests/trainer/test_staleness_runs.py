@@ -1,12 +1,15 @@
 """Bounded staleness (rollout.max_staleness, trainer/prefetch.py) in runs as users launch them, in process: each
 step trains on samples drawn from the weights of step max(0, s - k), as recorded by the engine; a run stopped at
 a checkpoint and resumed equals the uninterrupted one (the steps drawn ahead come back from the checkpoint);
-DP=2 equals one process. rollout.max_staleness=0 is the loop every other run test exercises."""
+DP=2 equals one process; the SGLang engine draws ahead between weight pushes. rollout.max_staleness=0 is the
+loop every other run test exercises."""
 import json
 
 import pytest
 
+from tests.conftest import fixed_data
 from tests.runs import assert_same_curve, curve, learning, train
+from tests.sglang_servers import rollout_at
 
 STEPS = ("trainer.total_steps=4", "trainer.export_hf=false", "rollout.max_staleness=1")
 
@@ -36,3 +39,13 @@ def test_stopped_and_resumed_it_equals_the_uninterrupted_run(distill_setup, stal
 def test_at_two_processes_it_equals_one(distill_setup, stale_one_process, tmp_path):
     train(distill_setup, tmp_path, *STEPS, world_size=2)
     assert_same_curve(curve(tmp_path), curve(stale_one_process[0]))
+
+
+def test_the_sglang_engine_draws_ahead_between_weight_pushes(qwen_pair, sglang_pair_server, tmp_path):
+    """The suite's server at rollout.url, k=1: the version SGLang stamps on each answer (checked by the engine
+    against the weights it pushed) is max(0, s - 1) for step s, the pushes landing between generations."""
+    train(qwen_pair, tmp_path, *fixed_data(qwen_pair), *rollout_at(sglang_pair_server), *STEPS,
+          "actor.kl_loss_type=reverse", "trainer.rollout_data_dir=${trainer.save_dir}/rollouts")
+    for index in range(4):
+        lines = [json.loads(line) for line in open(tmp_path / "rollouts" / f"{index + 1}.jsonl")]
+        assert {line["weight_version"] for line in lines} == {max(0, index - 1)}
