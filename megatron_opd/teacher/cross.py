@@ -11,7 +11,6 @@ import torch
 
 from megatron_opd.loss.shared_vocab import SharedVocabHead
 from megatron_opd.models.batch import build_batch
-from megatron_opd.models.head import output_weight
 from megatron_opd.parallel.exchange import exchange_rows
 from megatron_opd.teacher.interface import Teacher
 from megatron_opd.teacher.megatron_teacher import MegatronTeacher
@@ -94,14 +93,8 @@ def at_one_to_one(values: torch.Tensor, view, first: int, length: int) -> torch.
 def shared_head(inner: MegatronTeacher, student_to_teacher: tuple, shard: int):
     """Collective. On the student's last stage the SharedVocabHead of its vocabulary shard: per student id the
     teacher's output-layer row of the same string (zeros where none) [V/TP_s, H_t]; None elsewhere."""
-    dims, student, hidden = inner.dims, inner.student, inner.arch.hidden_size
-    held, held_rows = None, None
-    if dims.is_last_stage and dims.dp_rank == 0 and dims.cp_rank == 0:
-        weight = output_weight(inner.chunks[-1]).detach()  # [V_t/TP_t, H_t]
-        start = dims.tp_rank * weight.shape[0]
-        if start < inner.vocab_size:
-            held_rows = (start, min(start + weight.shape[0], inner.vocab_size))
-            held = weight[:held_rows[1] - start]
+    student, hidden = inner.student, inner.arch.hidden_size
+    held, held_rows = inner.held_output_rows()
     first = student.tp_rank * shard
     mine = list(student_to_teacher[first:first + shard])
     ids = torch.tensor(mine + [-1] * (shard - len(mine)), dtype=torch.long, device=student.device)

@@ -62,17 +62,24 @@ class MegatronTeacher(Teacher):
         out[:piece.shape[0]] = piece.to(out.device)
         return out
 
+    def held_output_rows(self) -> tuple:
+        """(this rank's output-layer rows of the vocabulary [rows, H_t], their global [start, stop)) on the one copy
+        that sends them (last stage, DP and CP rank 0), (None, None) elsewhere."""
+        dims = self.dims
+        if not (dims.is_last_stage and dims.dp_rank == 0 and dims.cp_rank == 0):
+            return None, None
+        weight = output_weight(self.chunks[-1]).detach()  # [V_t/TP_t, H_t]
+        start = dims.tp_rank * weight.shape[0]
+        if start >= self.vocab_size:
+            return None, None
+        stop = min(start + weight.shape[0], self.vocab_size)
+        return weight[:stop - start], (start, stop)
+
     def _head_for_student(self, shard: int):
         """Collective. The teacher's output-layer rows of the student's vocabulary shard [V/TP_s, H_t] on the
         student's last-stage ranks (zeros past the shared vocabulary), None elsewhere."""
-        dims, student, hidden = self.dims, self.student, self.arch.hidden_size
-        held, held_rows = None, None
-        if dims.is_last_stage and dims.dp_rank == 0 and dims.cp_rank == 0:
-            weight = output_weight(self.chunks[-1]).detach()  # [V_t/TP_t, H_t]
-            start = dims.tp_rank * weight.shape[0]
-            if start < self.vocab_size:
-                held_rows = (start, min(start + weight.shape[0], self.vocab_size))
-                held = weight[:held_rows[1] - start]
+        student, hidden = self.student, self.arch.hidden_size
+        held, held_rows = self.held_output_rows()
         wanted = None
         start = student.tp_rank * shard
         if student.is_last_stage and start < self.vocab_size:
